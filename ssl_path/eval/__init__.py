@@ -1,0 +1,29 @@
+"""Frozen-feature evaluation (kNN, linear probe, colour-histogram baseline) and backbone export."""
+
+from ssl_path.eval.datasets import ImageDataset, Split, TileSet, load_tile_set, make_splits
+from ssl_path.eval.features import extract_features, pool_tokens
+from ssl_path.eval.histogram import colour_histogram
+from ssl_path.eval.probes import classification_metrics, knn_predict, linear_probe_predict
+from ssl_path.eval.protocol import ProbeConfig, evaluate_features, summarise
+from ssl_path.eval.runner import FeatureConfig, SplitConfig, evaluate_tile_set, run_evaluation
+
+__all__ = [
+    "FeatureConfig",
+    "ImageDataset",
+    "ProbeConfig",
+    "Split",
+    "SplitConfig",
+    "TileSet",
+    "classification_metrics",
+    "colour_histogram",
+    "evaluate_features",
+    "evaluate_tile_set",
+    "extract_features",
+    "knn_predict",
+    "linear_probe_predict",
+    "load_tile_set",
+    "make_splits",
+    "pool_tokens",
+    "run_evaluation",
+    "summarise",
+]

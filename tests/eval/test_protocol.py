@@ -1,0 +1,68 @@
+"""Probes over splits, pooling per split group, mean ± std, and the report tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ssl_path.eval.datasets import Split
+from ssl_path.eval.protocol import ProbeConfig, evaluate_features, summarise
+from ssl_path.eval.report import markdown_table, read_csv, write_csv
+
+
+def test_leave_one_out_pools_predictions_into_one_group():
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.8, 0.2]])
+    y = np.array([0, 0, 1, 1, 1])  # the last tile looks like class 0: LOO kNN gets it wrong
+    idx = np.arange(5)
+    splits = [Split(f"loo-{i}", "loo", 0, np.delete(idx, i), idx[i : i + 1]) for i in idx]
+    rows = evaluate_features(x, y, splits, ProbeConfig(knn_k=(1,), linear=False))
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["probe"], r["group"], r["n_test"], r["C"]) == ("knn1", "loo", 5, "")
+    assert r["accuracy"] == pytest.approx(0.8)
+    assert r["balanced_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)  # recalls 2/2 and 2/3
+
+
+def test_linear_rows_record_the_chosen_c():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 12)
+    x = rng.normal(size=(24, 3)) + 3 * y[:, None]
+    folds = [
+        Split(f"f{i}", f"f{i}", 0, np.setdiff1d(np.arange(24), t), t)
+        for i, t in enumerate((np.arange(0, 24, 2), np.arange(1, 24, 2)))
+    ]
+    rows = evaluate_features(x, y, folds, ProbeConfig(knn_k=(10,), linear_Cs=(0.1, 1.0)))
+    assert sorted((r["probe"], r["group"]) for r in rows) == [
+        ("knn10", "f0"),
+        ("knn10", "f1"),
+        ("linear", "f0"),
+        ("linear", "f1"),
+    ]
+    assert all(float(r["C"]) in (0.1, 1.0) for r in rows if r["probe"] == "linear")
+    with pytest.raises(ValueError, match="feature rows"):
+        evaluate_features(x[:5], y, folds, ProbeConfig())
+
+
+def test_summarise_mean_and_sample_std(tmp_path):
+    rows = [
+        {"dataset": "d", "model": "m", "probe": "knn20", "accuracy": a, "balanced_accuracy": a, "macro_f1": a}
+        for a in (0.5, 0.7, 0.9)
+    ] + [
+        {
+            "dataset": "d",
+            "model": "h",
+            "probe": "knn20",
+            "accuracy": 0.4,
+            "balanced_accuracy": 0.3,
+            "macro_f1": 0.2,
+        }
+    ]
+    s = summarise(rows)
+    assert s[0]["n"] == 3 and s[0]["accuracy_mean"] == pytest.approx(0.7)
+    assert s[0]["accuracy_std"] == pytest.approx(0.2)  # ddof=1
+    assert s[1]["n"] == 1 and s[1]["macro_f1_std"] == 0.0
+    table = markdown_table(s)
+    assert table.splitlines()[2] == "| d | m | knn20 | 0.700 ± 0.200 | 0.700 ± 0.200 | 0.700 ± 0.200 | 3 |"
+    write_csv(s, tmp_path / "s.csv")
+    back = read_csv(tmp_path / "s.csv")
+    assert float(back[1]["balanced_accuracy_mean"]) == pytest.approx(0.3) and back[0]["model"] == "m"
