@@ -1,0 +1,18 @@
+"""Self-distillation losses and target normalisation: pure tensors in, scalar (or targets) out."""
+
+from ssl_path.losses.centering import SoftmaxCenter, sinkhorn_knopp, softmax_center
+from ssl_path.losses.dino import dino_loss
+from ssl_path.losses.ibot import ibot_mask_weights, ibot_patch_loss
+from ssl_path.losses.kde import kde_loss
+from ssl_path.losses.koleo import koleo_loss
+
+__all__ = [
+    "SoftmaxCenter",
+    "dino_loss",
+    "ibot_mask_weights",
+    "ibot_patch_loss",
+    "kde_loss",
+    "koleo_loss",
+    "sinkhorn_knopp",
+    "softmax_center",
+]

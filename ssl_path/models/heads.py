@@ -1,0 +1,80 @@
+"""Projection heads for self-distillation.
+
+DINO head (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
+arXiv:2104.14294, §3.1: "a 3-layer multi-layer perceptron (MLP) with hidden dimension 2048 followed
+by l2 normalization and a weight normalized fully connected layer with K dimensions"), as in the
+reference code facebookresearch/dino ``vision_transformer.py::DINOHead`` and
+facebookresearch/dinov2 ``dinov2/layers/dino_head.py``. iBOT (Zhou et al. 2022, arXiv:2111.07832)
+uses the same head on patch tokens, shared with or separate from the CLS head: the trainer decides.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+__all__ = ["DINOHead"]
+
+
+class DINOHead(nn.Module):
+    """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    The prototype layer's norm ``g`` is fixed to 1 (DINO's ``norm_last_layer=True``), so logits are
+    cosine similarities between the bottleneck and each prototype; the temperatures set the scale.
+
+    Args:
+        in_dim: backbone embedding size D.
+        out_dim: number of prototypes K (65536 in DINOv2; 131072 for its larger models).
+        hidden_dim: MLP width.
+        bottleneck_dim: size of the normalised bottleneck.
+        nlayers: MLP linear layers (1 = a single projection to the bottleneck).
+
+    Shapes: ``(..., D) -> (..., K)``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+    ) -> None:
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_init_linear)
+        # Prototype layer keeps nn.Linear's default init (as the references do), then g := 1, frozen.
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # DINOv2: fp16 underflows at 1e-12
+        x = F.normalize(x, dim=-1, p=2, eps=eps)
+        return self.last_layer(x)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs (multiply-add = 2) for one input row, for MFU logging."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        return sum(2 * m.in_features * m.out_features for m in linears)
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) weights, zero biases, as in the DINO/DINOv2 heads."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
