@@ -1,0 +1,53 @@
+"""``ssl-path-tile``: tile whole-slide images into WebDataset shards (hydra app, ``configs/tile.yaml``).
+
+ssl-path-tile input=../shared/data/slides output=/tmp/tiles workers=2 tiling.target_mpps=[0.5,1.0]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ssl_path.tiling import find_slides, summary_line, tile_slides
+
+log = logging.getLogger(__name__)
+# An absolute path: hydra resolves a relative one against the *package* when run as a console script.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Tile the slides named by ``cfg.input`` into ``cfg.output``; returns the manifest (``last_run``
+    holds this run's counts) after printing the summary line."""
+    tiling = hydra.utils.instantiate(cfg.tiling, _convert_="all")
+    slides = find_slides(cfg.input, list(cfg.extensions))
+    if not slides:
+        raise FileNotFoundError(
+            f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
+        )
+    manifest = tile_slides(
+        slides, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
+    )
+    line = summary_line(manifest, cfg.output)
+    log.info(line)
+    print(line)
+    return manifest
+
+
+def all_failed(manifest: dict) -> bool:
+    """True when this run tiled nothing and skipped nothing but failed at least one slide."""
+    r = manifest["last_run"]
+    return r["failed"] > 0 and r["ok"] == 0 and r["skipped"] == 0
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="tile")
+def main(cfg: DictConfig) -> None:
+    if all_failed(run(cfg)):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

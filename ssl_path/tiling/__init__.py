@@ -1,0 +1,30 @@
+"""Whole-slide image tiling: slides → tissue tiles at target µm/px → WebDataset shards + manifest.json."""
+
+from ssl_path.tiling.config import TilingConfig
+from ssl_path.tiling.grid import TileGrid, tile_grid
+from ssl_path.tiling.inputs import SLIDE_EXTENSIONS, find_slides, slide_ids
+from ssl_path.tiling.manifest import MANIFEST_NAME, load_manifest
+from ssl_path.tiling.pipeline import TilingWarning, summary_line, tile_slide, tile_slides
+from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
+from ssl_path.tiling.tissue import thumbnail_tissue_mask, tile_tissue_fraction
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SLIDE_EXTENSIONS",
+    "SlideError",
+    "SlideMpp",
+    "TileGrid",
+    "TilingConfig",
+    "TilingWarning",
+    "find_slides",
+    "load_manifest",
+    "open_slide",
+    "resolve_mpp",
+    "slide_ids",
+    "summary_line",
+    "thumbnail_tissue_mask",
+    "tile_grid",
+    "tile_slide",
+    "tile_slides",
+    "tile_tissue_fraction",
+]

@@ -1,0 +1,81 @@
+"""Turning the ``input`` argument (folder, glob, CSV list or one file) into slide paths and slide ids."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+)
+CSV_COLUMNS = ("path", "slide", "slide_path", "filename")
+
+
+def find_slides(
+    input: str | Path | Sequence[str | Path], extensions: Sequence[str] = SLIDE_EXTENSIONS
+) -> list[Path]:
+    """Slide files named by ``input``: a folder (non-recursive, by extension), a glob, a CSV or a file.
+
+    A CSV needs a header with one of ``path``/``slide``/``slide_path``/``filename`` (else the first
+    column is used); relative paths are resolved against the CSV's folder. Result is sorted, unique.
+    """
+    if not isinstance(input, str | Path):
+        return sorted({p for item in input for p in find_slides(item, extensions)})
+    text = str(input)
+    exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+    path = Path(text).expanduser()
+    if any(ch in text for ch in "*?["):
+        found = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+    elif path.is_dir():
+        found = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in exts]
+    elif path.suffix.lower() == ".csv" and path.is_file():
+        found = _read_csv(path)
+    elif path.exists():
+        found = [path]
+    else:
+        raise FileNotFoundError(f"input {text!r} is not a folder, glob, CSV file or slide file")
+    return sorted({p.resolve() for p in found})
+
+
+def _read_csv(path: Path) -> list[Path]:
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    header = [h.strip().lower() for h in rows[0]]
+    column = next((header.index(c) for c in CSV_COLUMNS if c in header), None)
+    body = rows[1:] if column is not None else rows
+    column = column or 0
+    out = []
+    for row in body:
+        if len(row) > column and row[column].strip():
+            p = Path(row[column].strip()).expanduser()
+            out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
+def slide_ids(paths: Sequence[Path]) -> dict[str, Path]:
+    """Map unique, shard-safe slide ids to paths: the file stem with characters other than
+    ``[A-Za-z0-9_-]`` replaced by ``-``; stems shared by several files get a short hash of the path."""
+    stems = [re.sub(r"[^A-Za-z0-9_-]+", "-", Path(p).stem) or "slide" for p in paths]
+    counts = Counter(stems)
+    out: dict[str, Path] = {}
+    for stem, p in zip(stems, paths, strict=True):
+        sid = stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
+        out[sid] = Path(p)
+    return out

@@ -1,0 +1,266 @@
+"""Slides → WebDataset shards + manifest: one process per slide, resumable, failures recorded per slide.
+
+``tile_slide`` does one slide end to end in whatever process runs it and never raises for a bad slide
+(it returns the manifest entry, status ``failed`` with the reason). ``tile_slides`` skips slides the
+manifest already lists as ``ok`` (with their shards present), retries the others, runs them in a
+process pool, and rewrites the manifest after every slide.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ssl_path.tiling.config import TilingConfig
+from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
+from ssl_path.tiling.inputs import slide_ids
+from ssl_path.tiling.manifest import build_manifest, load_manifest, save_manifest
+from ssl_path.tiling.reader import best_level, read_tiles
+from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
+from ssl_path.tiling.tissue import mask_coverage, thumbnail_tissue_mask, tile_tissue_fraction
+from ssl_path.tiling.writer import SlideShardWriter
+
+log = logging.getLogger(__name__)
+
+
+class TilingWarning(UserWarning):
+    """A slide was tiled with a caveat (mpp from objective power or fallback, no tissue found, ...)."""
+
+
+def tissue_mask(slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig) -> tuple[np.ndarray, float, float]:
+    """Thumbnail tissue mask of ``slide`` at ``cfg.thumbnail_mpp`` and its level-0 px per mask px (x, y)."""
+    w0, h0 = slide.dimensions
+    ds = max(cfg.thumbnail_mpp / mpp, 1.0)
+    thumb = slide.get_thumbnail((max(1, round(w0 / ds)), max(1, round(h0 / ds))))
+    mask = thumbnail_tissue_mask(np.asarray(thumb.convert("RGB")), cfg.min_saturation)
+    return mask, w0 / mask.shape[1], h0 / mask.shape[0]
+
+
+def _filtered_tiles(
+    slide: openslide.OpenSlide, grid: TileGrid, index: np.ndarray, level: int, cfg: TilingConfig
+) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield ``(k, tissue_fraction, tile)`` for the tiles of ``index`` that pass the tile-level filter."""
+    for k, tile in read_tiles(slide, grid, index, level, cfg.read_block, cfg.resample):
+        frac = tile_tissue_fraction(tile, cfg.min_saturation, cfg.min_texture)
+        if frac >= cfg.tissue_threshold:
+            yield k, frac, tile
+
+
+def select_tiles(
+    slide: openslide.OpenSlide,
+    grid: TileGrid,
+    candidates: np.ndarray,
+    level: int,
+    cfg: TilingConfig,
+    slide_id: str,
+) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Tiles to write: all candidates passing the filter, or with ``max_tiles_per_slide`` the first that
+    pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order."""
+    limit = cfg.max_tiles_per_slide
+    if limit is None:
+        yield from _filtered_tiles(slide, grid, candidates, level, cfg)
+        return
+    perm = slide_rng(cfg.seed, slide_id, grid.target_mpp).permutation(len(candidates))
+    kept: dict[int, tuple[float, np.ndarray]] = {}
+    pos = 0
+    while len(kept) < limit and pos < len(perm):
+        chunk = perm[pos : pos + max(64, 2 * (limit - len(kept)))]
+        pos += len(chunk)
+        passed = {
+            int(chunk[k]): (f, t) for k, f, t in _filtered_tiles(slide, grid, candidates[chunk], level, cfg)
+        }
+        for k in chunk:  # permutation order decides who gets in
+            if int(k) in passed and len(kept) < limit:
+                kept[int(k)] = passed[int(k)]
+    for k in sorted(kept):
+        yield k, kept[k][0], kept[k][1]
+
+
+def _encode_jpeg(tile: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _tile_at_mpp(
+    slide: openslide.OpenSlide,
+    mask: tuple[np.ndarray, float, float],
+    slide_mpp: SlideMpp,
+    target_mpp: float,
+    ids: tuple[str, str],
+    writer: SlideShardWriter,
+    cfg: TilingConfig,
+) -> dict:
+    """Tile one slide at one target mpp into ``writer``; returns counts for the manifest."""
+    slide_id, source = ids
+    grid = tile_grid(*slide.dimensions, slide_mpp.mpp, target_mpp, cfg.tile_size)
+    level = best_level(slide, target_mpp / slide_mpp.mpp)
+    index = grid.all_indices()
+    tissue, sx, sy = mask
+    coverage = mask_coverage(tissue, grid.boxes(index) / np.array([sx, sy, sx, sy]))
+    candidates = index[coverage >= cfg.mask_min_coverage]  # 0 reads every grid tile
+    suffix = f"_{round(target_mpp * 1000)}nm" if len(cfg.target_mpps) > 1 else ""
+    n = 0
+    for k, frac, tile in select_tiles(slide, grid, candidates, level, cfg, slide_id):
+        x, y = int(grid.xs[candidates[k, 1]]), int(grid.ys[candidates[k, 0]])
+        meta = {
+            "slide_id": slide_id,
+            "x": x,
+            "y": y,
+            "level": level,
+            "mpp": slide_mpp.mpp,
+            "mpp_source": slide_mpp.source,
+            "target_mpp": target_mpp,
+            "tile_size": cfg.tile_size,
+            "extent": round(grid.extent, 4),
+            "source": source,
+            "tissue_fraction": round(frac, 4),
+        }
+        writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", _encode_jpeg(tile, cfg.jpeg_quality), meta)
+        n += 1
+    return {"level": level, "grid": [len(grid.xs), len(grid.ys)], "candidates": len(candidates), "tiles": n}
+
+
+def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: TilingConfig) -> dict:
+    """Tile one slide into ``output/shards``; returns its manifest entry (never raises for a bad slide)."""
+    start = time.perf_counter()
+    entry: dict = {"source": str(source), "status": "failed", "reason": None, "tiles": 0, "mpp": None}
+    entry |= {"mpp_source": None, "warnings": [], "shards": [], "per_mpp": {}}
+    writer = None
+    try:
+        with open_slide(source) as slide:
+            slide_mpp = resolve_mpp(dict(slide.properties), cfg.fallback_mpp, name=slide_id)
+            entry["mpp"], entry["mpp_source"] = slide_mpp.mpp, slide_mpp.source
+            if slide_mpp.warning:
+                entry["warnings"].append(slide_mpp.warning)
+            mask = tissue_mask(slide, slide_mpp.mpp, cfg)
+            writer = SlideShardWriter(
+                Path(output) / "shards", slide_id, cfg.shard_max_count, cfg.shard_max_size
+            )
+            for target in cfg.target_mpps:
+                stats = _tile_at_mpp(slide, mask, slide_mpp, target, (slide_id, str(source)), writer, cfg)
+                entry["per_mpp"][f"{target:g}"] = stats
+                entry["tiles"] += stats["tiles"]
+            entry["shards"] = writer.commit()
+            entry["status"] = "ok"
+            if entry["tiles"] == 0:
+                entry["warnings"].append(f"{slide_id}: no tissue tiles found")
+    except SlideError as e:
+        entry["reason"] = str(e)
+    except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; the reason is recorded
+        entry["reason"] = f"{type(e).__name__}: {e}"
+        log.exception("slide %s failed", slide_id)
+    finally:
+        if entry["status"] != "ok" and writer is not None:
+            writer.abort()
+    entry["seconds"] = round(time.perf_counter() - start, 3)
+    return entry
+
+
+def _is_done(entry: dict | None, shards_dir: Path) -> bool:
+    return (
+        bool(entry)
+        and entry["status"] == "ok"
+        and all((shards_dir / s["path"]).is_file() for s in entry["shards"])
+    )
+
+
+def _run_slides(
+    todo: dict[str, Path], output: Path, cfg: TilingConfig, workers: int
+) -> Iterator[tuple[str, dict]]:
+    """Yield ``(slide_id, entry)`` as slides finish, in-process for one worker, else in a spawn pool."""
+    if workers <= 1 or len(todo) <= 1:
+        for sid, path in todo.items():
+            yield sid, tile_slide(path, sid, output, cfg)
+        return
+    ctx = multiprocessing.get_context("spawn")  # openslide handles and threads do not survive fork
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+        futures = {
+            pool.submit(tile_slide, str(p), sid, str(output), cfg): (sid, p) for sid, p in todo.items()
+        }
+        for fut in as_completed(futures):
+            sid, path = futures[fut]
+            try:
+                yield sid, fut.result()
+            except Exception as e:  # noqa: BLE001 - a crashed worker fails its slide, not the run
+                yield (
+                    sid,
+                    {
+                        "source": str(path),
+                        "status": "failed",
+                        "reason": f"worker crashed: {e!r}",
+                        "tiles": 0,
+                        "mpp": None,
+                        "mpp_source": None,
+                        "warnings": [],
+                        "shards": [],
+                        "per_mpp": {},
+                    },
+                )
+
+
+def tile_slides(
+    slides: Sequence[str | Path],
+    output: str | Path,
+    cfg: TilingConfig,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Tile ``slides`` into ``output`` (``shards/*.tar`` + ``manifest.json``) and return the manifest.
+
+    Slides already ``ok`` in an existing manifest are skipped; failed or missing ones are (re)done. The
+    manifest's ``last_run`` counts this call's ok / failed / skipped slides and tiles written.
+    """
+    output = Path(output)
+    shards_dir = output / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(cfg.to_dict()))
+    prior = load_manifest(output)
+    if prior is not None and prior.get("config") != config:
+        raise ValueError(
+            f"{output} holds tiles made with another tiling config {prior.get('config')}; "
+            f"use a new output folder for {config}"
+        )
+    entries: dict[str, dict] = dict(prior["slides"]) if prior else {}
+    ids = slide_ids([Path(s).resolve() for s in slides])
+    todo = {sid: p for sid, p in ids.items() if not _is_done(entries.get(sid), shards_dir)}
+    counts = {"ok": 0, "failed": 0, "skipped": len(ids) - len(todo), "tiles_written": 0}
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc="tiling slides", unit="slide", disable=not progress) as bar:
+        for sid, entry in _run_slides(todo, output, cfg, workers):
+            entries[sid] = entry
+            counts[entry["status"]] += 1
+            counts["tiles_written"] += entry["tiles"]
+            for message in entry["warnings"]:
+                log.warning(message)
+                warnings.warn(message, TilingWarning, stacklevel=2)
+            if entry["status"] == "failed":
+                log.warning("slide %s failed: %s", sid, entry["reason"])
+            save_manifest(output, build_manifest(config, entries))
+            bar.update(1)
+            bar.set_postfix(tiles=counts["tiles_written"], failed=counts["failed"])
+    counts["seconds"] = round(time.perf_counter() - start, 3)
+    manifest = build_manifest(config, entries, last_run=counts)
+    save_manifest(output, manifest)
+    return manifest
+
+
+def summary_line(manifest: dict, output: str | Path) -> str:
+    """One line for humans and logs: slides ok / failed / skipped this run and tiles written."""
+    r = manifest["last_run"]
+    return (
+        f"tiling: {r['ok']} slide(s) ok, {r['failed']} failed, {r['skipped']} skipped (already done); "
+        f"{r['tiles_written']} tiles written to {output} in {r['seconds']:.1f}s"
+    )
