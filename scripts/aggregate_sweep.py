@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""Summarise a model-size x data-size sweep into a table (CSV + markdown) and a scaling plot (PNG).
+
+Scaling studies in the style of Virchow (Vorontsov et al. 2024, arXiv:2309.07778) and of
+"Scaling Laws for Neural Language Models" (Kaplan et al. 2020, arXiv:2001.08361) plot a downstream
+metric against the data size (one line per model size) and against training compute.
+
+A run is any directory holding ``.hydra/config.yaml`` (a hydra job dir). For each run we read:
+- the swept values from ``.hydra/overrides.yaml`` and the config group choices from ``.hydra/hydra.yaml``;
+- the last logged value of every column of Lightning's CSVLogger files ``<run>/**/metrics.csv``;
+- the number of slides, images seen, parameters and FLOPs from logged columns when present, else from
+  the config (tier x slides in the manifest, steps x batch size, a ViT FLOP estimate).
+The intended grid comes from ``<sweep>/multirun.yaml`` (written by hydra at launch) or ``--expect``;
+jobs of the grid without a finished run are listed as missing, so partial sweeps are summarised too.
+
+    python scripts/aggregate_sweep.py multirun/scaling --out docs/ --metric auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Columns searched (in order) when --metric auto: downstream probes first, then the training loss.
+AUTO_METRICS = ("knn", "linear", "probe", "acc", "f1", "loss")
+# Known ViT shapes (embed_dim, depth, mlp_ratio) for the FLOP estimate when the run logs none.
+VIT_SHAPES = {
+    "vit_tiny": (192, 12, 4.0),
+    "vit_s": (384, 12, 4.0),
+    "vit_b": (768, 12, 4.0),
+    "vit_l": (1024, 24, 4.0),
+    "vit_h": (1280, 32, 5.3375),
+    "vit_g": (1536, 40, 4.0),
+}
+
+
+@dataclass
+class Run:
+    """One job of the sweep: what was asked (overrides) and what it produced (last metric values)."""
+
+    run_dir: Path
+    overrides: dict[str, str]
+    choices: dict[str, str]
+    config: dict
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- reading
+def find_runs(sweep_dir: Path) -> list[Run]:
+    """All hydra job dirs below ``sweep_dir`` (the sweep dir itself counts for a single run)."""
+    runs = []
+    for cfg_file in sorted(sweep_dir.rglob(".hydra/config.yaml")):
+        run_dir = cfg_file.parent.parent
+        if ".submitit" in run_dir.parts:
+            continue
+        runs.append(read_run(run_dir))
+    return runs
+
+
+def _load_yaml(path: Path) -> object:
+    """YAML without interpolation: hydra's saved configs are plain data apart from ``${...}`` strings."""
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+def read_run(run_dir: Path) -> Run:
+    overrides = parse_overrides(_load_yaml(run_dir / ".hydra" / "overrides.yaml") or [])
+    hydra_cfg = _load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
+    choices = (hydra_cfg.get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
+    config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
+    return Run(run_dir, overrides, dict(choices), config, read_metrics(run_dir))
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``["model=vit_tiny", "+x=1", "~y"]`` -> ``{"model": "vit_tiny", "x": "1"}`` (deletions dropped)."""
+    out = {}
+    for item in items:
+        if "=" not in item or item.startswith("~"):
+            continue
+        key, value = item.split("=", 1)
+        out[key.lstrip("+")] = value
+    return out
+
+
+def read_metrics(run_dir: Path) -> dict[str, float]:
+    """Last finite value of each column over all CSVLogger files of a run, ordered by step.
+
+    A resumed run may write a new ``version_N`` directory; rows of all versions are merged by step, so
+    the value of the most advanced step wins.
+    """
+    rows: list[tuple[float, int, dict[str, str]]] = []
+    for order, path in enumerate(sorted(run_dir.rglob("metrics.csv"))):
+        with path.open(newline="") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                step = _to_float(row.get("step"))
+                rows.append((step if step is not None else -1.0, order * 10**9 + i, row))
+    last: dict[str, float] = {}
+    for _, _, row in sorted(rows, key=lambda r: (r[0], r[1])):
+        for key, raw in row.items():
+            value = _to_float(raw)
+            if key and value is not None:
+                last[key] = value
+    return last
+
+
+def _to_float(raw: object) -> float | None:
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _get(config: dict, dotted: str) -> object:
+    node: object = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# ------------------------------------------------------------------------------------------- the grid
+def expected_grid(sweep_dir: Path, expect: Sequence[str] | None) -> list[dict[str, str]]:
+    """The jobs the sweep was meant to run: ``--expect`` overrides, else ``multirun.yaml``'s sweep.
+
+    Only swept keys (values with a comma, or ranges) form the grid; fixed overrides are ignored.
+    """
+    if expect:
+        items = list(expect)
+    else:
+        saved = _load_yaml(sweep_dir / "multirun.yaml") or {}
+        items = list((saved.get("hydra", {}).get("overrides", {}) or {}).get("task", []) or [])
+    axes: dict[str, list[str]] = {}
+    for item in items:
+        if "=" not in item or item.startswith("~"):
+            continue
+        key, value = item.split("=", 1)
+        values = _sweep_values(value)
+        if len(values) > 1:
+            axes[key.lstrip("+")] = values
+    keys = list(axes)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def _sweep_values(value: str) -> list[str]:
+    """Expand one hydra sweep value with hydra's own parser (``a,b``, ``range(..)``, ``choice(..)``)."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        override = OverridesParser.create().parse_override(f"k={value}")
+        if override.is_sweep_override():
+            return [str(v) for v in override.sweep_string_iterator()]
+        return [value]
+    except Exception:  # noqa: BLE001 - fall back to a plain comma split for unusual syntax
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def match_grid(runs: list[Run], grid: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Grid points with no run whose overrides match them (the missing jobs)."""
+    missing = []
+    for point in grid:
+        if not any(all(_same(run.overrides.get(k), v) for k, v in point.items()) for run in runs):
+            missing.append(point)
+    return missing
+
+
+def _same(a: str | None, b: str) -> bool:
+    if a is None:
+        return False
+    if a == b:
+        return True
+    fa, fb = _to_float(a), _to_float(b)
+    return fa is not None and fb is not None and fa == fb
+
+
+# ----------------------------------------------------------------------------------------- the table
+@dataclass
+class Row:
+    model: str
+    tier: str
+    num_slides: float | None
+    params_m: float | None
+    step: float | None
+    images_seen: float | None
+    pflops: float | None
+    metric: float | None
+    status: str
+    run_dir: str
+
+
+def pick_metric(runs: list[Run], metric: str) -> str | None:
+    """``auto``: the first column (over all runs) that looks like a probe score, else a loss."""
+    if metric != "auto":
+        return metric
+    columns = sorted({k for run in runs for k in run.metrics})
+    for pattern in AUTO_METRICS:
+        candidates = [c for c in columns if pattern in c.lower() and "step" not in c.lower()]
+        if pattern == "loss":
+            candidates = [c for c in candidates if c.lower().endswith(("/loss", "_loss", "loss"))]
+            total = [c for c in candidates if c.lower() in ("train/loss", "loss", "train/total_loss")]
+            candidates = total or candidates
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def summarise(run: Run, metric: str | None, slides_total: int | None) -> Row:
+    model = run.choices.get("model") or str(_get(run.config, "model.name") or run.overrides.get("model", "?"))
+    tier = run.overrides.get("data.tier") or str(_get(run.config, "data.tier"))
+    m = run.metrics
+    step = m.get("step")
+    images = _first(m, ("images_seen", "train/images_seen", "data/images_seen"))
+    if images is None and step is not None:
+        batch = _to_float(_get(run.config, "data.batch_size"))
+        world = (_to_float(_get(run.config, "trainer.devices")) or 1) * (
+            _to_float(_get(run.config, "trainer.num_nodes")) or 1
+        )
+        images = step * batch * world if batch else None
+    slides = _first(m, ("num_slides", "data/num_slides", "train/num_slides"))
+    if slides is None:
+        slides = _slides_from_tier(tier, slides_total)
+    params = _first(m, ("params", "model/params", "num_params"))
+    params_m = params / 1e6 if params else _params_estimate(model)
+    flops = _first(m, ("flops", "train/flops", "total_flops"))
+    if flops is None and images is not None:
+        flops = _flops_estimate(model, run.config, images)
+    value = m.get(metric) if metric else None
+    finished = value is not None and _reached_max_steps(run, step)
+    return Row(
+        model=model,
+        tier=tier,
+        num_slides=slides,
+        params_m=round(params_m, 3) if params_m else None,
+        step=step,
+        images_seen=images,
+        pflops=round(flops / 1e15, 6) if flops else None,
+        metric=value,
+        status="done" if finished else "incomplete",
+        run_dir=str(run.run_dir),
+    )
+
+
+def _first(metrics: dict[str, float], keys: Sequence[str]) -> float | None:
+    for key in keys:
+        if key in metrics:
+            return metrics[key]
+    return None
+
+
+def _reached_max_steps(run: Run, step: float | None) -> bool:
+    max_steps = _to_float(_get(run.config, "trainer.max_steps"))
+    if max_steps is None or max_steps < 0 or step is None:
+        return True
+    # Lightning's CSVLogger logs the step of the last logged batch, which is max_steps - 1 at most.
+    return step >= max_steps - 1
+
+
+def _slides_from_tier(tier: str, slides_total: int | None) -> float | None:
+    value = _to_float(tier)
+    if value is None:
+        return None
+    if value > 1 or slides_total is None:
+        return value  # an absolute count, or the fraction itself when the manifest is unknown
+    return max(1, math.ceil(value * slides_total))
+
+
+def _shape(model: str) -> tuple[int, int, float] | None:
+    for prefix in sorted(VIT_SHAPES, key=len, reverse=True):
+        if model.startswith(prefix):
+            return VIT_SHAPES[prefix]
+    return None
+
+
+def _params_estimate(model: str) -> float | None:
+    """Transformer-block parameters in millions, 12 * D^2 per block for mlp ratio 4 (Kaplan et al.)."""
+    shape = _shape(model)
+    if shape is None:
+        return None
+    dim, depth, mlp = shape
+    return depth * (4 + 2 * mlp) * dim * dim / 1e6
+
+
+def _flops_estimate(model: str, config: dict, images: float) -> float | None:
+    """Training FLOPs: student forward+backward (3x) on all crops, teacher forward (1x) on global crops.
+
+    Per crop, a ViT forward costs ~ 2 * tokens * block_params + 4 * depth * tokens^2 * dim
+    (matmuls only; attention scores and values).
+    """
+    shape = _shape(model)
+    if shape is None:
+        return None
+    dim, depth, mlp = shape
+    patch = 16 if "16" in model or model == "vit_tiny" else 14
+    aug = _get(config, "data.augmentation") or {}
+    g_size = _to_float(aug.get("global_crop_size")) or 224
+    l_size = _to_float(aug.get("local_crop_size")) or (96 if patch == 16 else 98)
+    n_g = _to_float(aug.get("n_global_crops")) or 2
+    n_l = _to_float(aug.get("n_local_crops"))
+    n_l = 8 if n_l is None else n_l
+    block_params = depth * (4 + 2 * mlp) * dim * dim
+
+    def fwd(size: float) -> float:
+        tokens = (size // patch) ** 2 + 1
+        return 2 * tokens * block_params + 4 * depth * tokens**2 * dim
+
+    per_image = 3 * (n_g * fwd(g_size) + n_l * fwd(l_size)) + n_g * fwd(g_size)
+    return per_image * images
+
+
+def manifest_slides(runs: list[Run]) -> int | None:
+    """Number of ok slides in the training manifest (to turn tier fractions into slide counts)."""
+    for run in runs:
+        root = _get(run.config, "data.root")
+        if isinstance(root, str) and (Path(root) / "manifest.json").is_file():
+            manifest = json.loads((Path(root) / "manifest.json").read_text())
+            slides = manifest.get("slides", {})
+            return sum(1 for s in slides.values() if s.get("status", "ok") == "ok") or None
+    return None
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def write_table(rows: list[Row], missing: list[dict[str, str]], metric: str | None, out: Path) -> str:
+    """Write ``scaling.csv`` and ``scaling.md``; return the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    fields = list(Row.__dataclass_fields__)
+    with (out / "scaling.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+        for point in missing:
+            writer.writerow(
+                {
+                    "model": point.get("model", ""),
+                    "tier": point.get("data.tier", ""),
+                    "status": "missing: " + " ".join(f"{k}={v}" for k, v in point.items()),
+                }
+            )
+    head = [
+        "model",
+        "params (M)",
+        "tier",
+        "#slides",
+        "steps",
+        "images seen",
+        "PFLOPs",
+        metric or "metric",
+        "status",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.model,
+            _fmt(r.params_m),
+            r.tier,
+            _fmt(r.num_slides),
+            _fmt(r.step),
+            _fmt(r.images_seen),
+            _fmt(r.pflops),
+            _fmt(r.metric),
+            r.status,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if missing:
+        lines.append("")
+        lines.append(f"Missing jobs ({len(missing)}):")
+        lines += ["- " + " ".join(f"{k}={v}" for k, v in point.items()) for point in missing]
+    text = "\n".join(lines) + "\n"
+    (out / "scaling.md").write_text(text)
+    return text
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def plot(rows: list[Row], metric: str | None, out: Path) -> Path:
+    """Two panels: metric vs #slides (one line per model) and metric vs training compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_data, ax_flops) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    models = sorted({r.model for r in rows}, key=lambda m: (_params_estimate(m) or 0.0, m))
+    for model in models:
+        pts = sorted(
+            (r for r in rows if r.model == model and r.metric is not None), key=lambda r: r.num_slides or 0.0
+        )
+        if not pts:
+            continue
+        label = f"{model} ({_fmt(pts[0].params_m)}M)" if pts[0].params_m else model
+        ax_data.plot([p.num_slides for p in pts], [p.metric for p in pts], marker="o", label=label)
+        with_flops = [p for p in pts if p.pflops]
+        ax_flops.plot([p.pflops for p in with_flops], [p.metric for p in with_flops], marker="s", label=label)
+    ax_data.set_xlabel("training slides")
+    ax_flops.set_xlabel("training compute (PFLOPs, estimated)")
+    ax_flops.set_xscale("log")
+    for ax in (ax_data, ax_flops):
+        ax.set_ylabel(metric or "metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ssl_path scaling sweep")
+    path = out / "scaling.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def aggregate(sweep_dir: Path, out: Path, metric: str = "auto", expect: Sequence[str] | None = None) -> dict:
+    """Read a sweep, write the table and plot; return a summary (rows, missing jobs, metric, paths)."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
+    runs = find_runs(sweep_dir)
+    grid = expected_grid(sweep_dir, expect)
+    missing = match_grid(runs, grid)
+    chosen = pick_metric(runs, metric)
+    total = manifest_slides(runs)
+    rows = sorted(
+        (summarise(r, chosen, total) for r in runs),
+        key=lambda r: (r.params_m or 0.0, r.model, r.num_slides or 0.0),
+    )
+    markdown = write_table(rows, missing, chosen, out)
+    png = plot(rows, chosen, out)
+    return {"rows": rows, "missing": missing, "metric": chosen, "markdown": markdown, "png": png}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="hydra multirun dir (holds multirun.yaml and job dirs)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write scaling.{csv,md,png}")
+    parser.add_argument("--metric", default="auto", help="metrics.csv column to plot (default: auto)")
+    parser.add_argument(
+        "--expect",
+        nargs="*",
+        default=None,
+        help="sweep overrides defining the grid, e.g. model=vit_s14,vit_b14 data.tier=0.1,1",
+    )
+    args = parser.parse_args(argv)
+    result = aggregate(args.sweep_dir, args.out or args.sweep_dir, args.metric, args.expect)
+    print(result["markdown"], end="")
+    print(f"plot: {result['png']}")
+    if result["metric"] is None:
+        print("warning: no metric column found in any run", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
