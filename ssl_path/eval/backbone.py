@@ -1,0 +1,189 @@
+"""Load the backbone to evaluate: a training checkpoint's teacher, an exported file, or a random init.
+
+The architecture always comes from a ``create_backbone`` spec (preset name + kwargs): the model
+config saved in the Lightning checkpoint, the ``ssl_path.backbone`` entry of an export's
+``config.json``, or the ``model`` config group given on the command line (which wins when given,
+so a checkpoint without a saved config can still be read). Weights are the EMA teacher's
+(``teacher.backbone.*``), as DINO/DINOv2 evaluate the teacher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_path.models import Backbone, create_backbone, export_filter, load_pretrained
+
+log = logging.getLogger(__name__)
+
+TEACHER_PREFIX = "teacher.backbone."
+# kwargs of create_backbone that only matter for training; eval builds without them
+_TRAIN_ONLY = {"drop_path_rate": 0.0, "drop_path_uniform": False, "pretrained_path": None}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a Lightning checkpoint on CPU, ``weights_only=True`` unless it cannot be.
+
+    A checkpoint whose hyper-parameters hold arbitrary Python objects needs the full unpickler;
+    that is only done for a file the user named, with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        log.warning("%s is not loadable with weights_only=True (%s); loading it in full", path, err)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _as_container(obj: Any) -> Any:
+    """OmegaConf configs (if a trainer saved them as such) -> plain dicts/lists."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        pass
+    return obj
+
+
+def backbone_spec(model_cfg: Mapping) -> dict[str, Any]:
+    """A ``model`` config (``{backbone: {_target_, name, ...}, ...}``) or its ``backbone`` entry ->
+    ``create_backbone`` kwargs, with the training-only options neutralised."""
+    cfg = _as_container(model_cfg)
+    cfg = cfg.get("backbone", cfg) if isinstance(cfg, Mapping) else cfg
+    if not isinstance(cfg, Mapping) or "name" not in cfg:
+        raise ValueError(
+            f"not a backbone config (need a `name` key, as in configs/model/*.yaml): {model_cfg}"
+        )
+    return complete_spec({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+def complete_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Every ``create_backbone`` kwarg, defaults filled in (so exports record the full architecture),
+    training-only ones neutralised; an unknown key is an error, not silently ignored."""
+    params = inspect.signature(create_backbone).parameters
+    unknown = sorted(set(spec) - set(params))
+    if unknown:
+        raise ValueError(f"unknown create_backbone arguments {unknown}; accepted: {sorted(params)}")
+    full = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**full, **spec, **_TRAIN_ONLY}
+
+
+def _find_backbone_cfg(obj: Any, depth: int = 0) -> Mapping | None:
+    """Depth-first search of a saved config for a ``backbone`` mapping with a preset ``name``."""
+    obj = _as_container(obj)
+    if depth > 6 or not isinstance(obj, Mapping):
+        return None
+    bb = obj.get("backbone")
+    if isinstance(bb, Mapping) and "name" in bb:
+        return bb
+    for value in obj.values():
+        found = _find_backbone_cfg(value, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def spec_from_checkpoint(ckpt: Mapping) -> dict[str, Any]:
+    """The backbone spec saved in a Lightning checkpoint (``hyper_parameters`` or a ``config`` entry)."""
+    for key in ("hyper_parameters", "config", "cfg"):
+        found = _find_backbone_cfg(ckpt.get(key))
+        if found is not None:
+            return backbone_spec(found)
+    raise ValueError(
+        "the checkpoint holds no model config (hyper_parameters/config with model.backbone.name); "
+        "pass model=<preset> to say which architecture it is"
+    )
+
+
+def teacher_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
+    """Teacher backbone weights of a Lightning checkpoint as ``Backbone`` keys (``vit.*``, ``mask_token``)."""
+    state = ckpt.get("state_dict", ckpt)
+    teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
+    if not teacher:
+        some = ", ".join(list(state)[:5])
+        raise ValueError(f"no `{TEACHER_PREFIX}*` keys in the checkpoint's state_dict (keys start: {some})")
+    mask = teacher.pop("mask_token", None)
+    out = {f"vit.{k}": v for k, v in export_filter(teacher).items()}  # strips compile/DDP wrappers
+    if mask is not None:
+        out["mask_token"] = mask
+    return out
+
+
+def build_backbone(spec: Mapping[str, Any], seed: int = 0) -> Backbone:
+    """``create_backbone(**spec)`` under a fixed seed (the random-init baseline is reproducible),
+    without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_backbone(**spec)
+
+
+def exported_config(path: Path) -> dict[str, Any]:
+    """The ``config.json`` written beside an exported ``model.safetensors``."""
+    cfg_path = path.parent / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: an exported backbone comes with its config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def resolve_checkpoint(
+    checkpoint: str | Path | None, model: str | Mapping | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | Path | None]:
+    """``(create_backbone spec, weights)``; weights are a ``Backbone`` state dict (from a Lightning
+    checkpoint, read once), the path of an exported safetensors file, or ``None`` (random init)."""
+    if checkpoint is None and model is None:
+        raise ValueError("give a checkpoint, a model preset, or both")
+    spec = None
+    if model is not None:
+        spec = complete_spec({"name": model}) if isinstance(model, str) else backbone_spec(model)
+    if checkpoint is None:
+        return spec, None
+    path = Path(checkpoint)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"exported backbone {path} does not exist")
+        return spec or backbone_spec(exported_config(path)["ssl_path"]["backbone"]), path
+    ckpt = read_checkpoint(path)
+    return spec or spec_from_checkpoint(ckpt), teacher_state_dict(ckpt)
+
+
+def load_weights(backbone: Backbone, weights: Mapping[str, torch.Tensor] | Path) -> Backbone:
+    """Load teacher weights strictly (only the iBOT ``mask_token`` may be absent: exports drop it)."""
+    if isinstance(weights, Path):
+        load_pretrained(backbone, weights)  # strict: names any missing/unexpected key
+        return backbone
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k != "mask_token"]:
+        raise ValueError(
+            f"checkpoint does not fit the backbone: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    return backbone
+
+
+def load_backbone(
+    checkpoint: str | Path | None = None, model: str | Mapping | None = None, seed: int = 0
+) -> Backbone:
+    """The backbone to evaluate, in eval mode on CPU.
+
+    Args:
+        checkpoint: Lightning ``.ckpt`` (teacher weights) or exported ``.safetensors``; ``None`` for
+            a random-init backbone.
+        model: preset name (``"vit_tiny"``) or model config; required without a checkpoint,
+            otherwise it overrides the architecture recorded in the checkpoint.
+        seed: initialisation seed (random init only; loaded weights overwrite everything else).
+    """
+    spec, weights = resolve_checkpoint(checkpoint, model)
+    backbone = build_backbone(spec, seed)
+    if weights is not None:
+        load_weights(backbone, weights)
+    return backbone.eval()

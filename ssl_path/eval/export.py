@@ -1,0 +1,155 @@
+"""Export the teacher backbone as a plain timm model: ``model.safetensors`` + ``config.json``.
+
+The folder follows timm's Hugging Face layout (``timm/models/_hub.py::save_config_for_hf``:
+``architecture``, ``model_args``, ``pretrained_cfg`` with the eval normalisation), so either of ::
+
+    timm.create_model(f"local-dir:{out_dir}", pretrained=True)
+    timm.create_model(cfg["architecture"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file=f"{out_dir}/model.safetensors", num_classes=0),
+                      **cfg["model_args"])
+
+rebuilds the backbone with the same weights and features. Presets with a packed SwiGLU MLP whose
+timm architecture does not already use one (``vit_h14``/``vit_h16``, as for Virchow) also need
+``mlp_layer=timm.layers.SwiGLUPacked``: JSON cannot hold a class, so it is recorded under
+``ssl_path.python_kwargs`` and :func:`timm_create_kwargs` resolves it. ``num_classes=0`` in the
+overlay keeps timm's load strict (otherwise timm relaxes strictness for the dropped classifier).
+The ``ssl_path`` entry also records the ``create_backbone`` spec, so ``ssl-path-eval`` and
+``create_backbone(pretrained_path=...)`` (continued pretraining) read the file back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+from safetensors.torch import save_file
+from torch import nn
+
+from ssl_path.eval.backbone import build_backbone, load_weights, resolve_checkpoint
+from ssl_path.eval.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ssl_path.models import Backbone, export_filter
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_ACTIVATIONS = {nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU: "relu"}
+_RUNTIME_ARGS = ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate")
+
+
+def _dotted(obj: type) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def timm_model_args(backbone: Backbone) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split ``backbone.timm_kwargs`` into JSON ``model_args`` and classes given as dotted paths."""
+    args, python = {}, {}
+    for key, value in backbone.timm_kwargs.items():
+        if key in _RUNTIME_ARGS:
+            continue
+        if key == "act_layer" and value in _ACTIVATIONS:
+            args[key] = _ACTIVATIONS[value]  # timm's get_act_layer resolves the name
+        elif isinstance(value, type):
+            python[key] = _dotted(value)
+        else:
+            args[key] = value
+    return args, python
+
+
+def timm_create_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` -> kwargs for ``timm.create_model(config["architecture"], **kwargs)``."""
+    kwargs = dict(config["model_args"])
+    for key, dotted in config.get("ssl_path", {}).get("python_kwargs", {}).items():
+        module, _, name = dotted.rpartition(".")
+        kwargs[key] = getattr(importlib.import_module(module), name)
+    return kwargs
+
+
+def timm_config(
+    backbone: Backbone,
+    spec: Mapping[str, Any],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+    source: str | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` content for ``backbone`` (timm hub layout plus an ``ssl_path`` entry)."""
+    model_args, python_kwargs = timm_model_args(backbone)
+    img_size = int(model_args.get("img_size", 224))
+    return {
+        "architecture": backbone.timm_arch,
+        "num_classes": 0,
+        "num_features": backbone.embed_dim,
+        "global_pool": model_args.get("global_pool", "token"),
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, img_size, img_size],
+            "fixed_input_size": False,
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+            "crop_mode": "center",
+            "mean": list(mean),
+            "std": list(std),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+        "ssl_path": {"backbone": dict(spec), "python_kwargs": python_kwargs, "source": source},
+    }
+
+
+def write_export(backbone: Backbone, config: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write weights and config into ``out_dir`` under temporary names, then rename (never torn)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in export_filter(backbone.state_dict()).items()}
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(tmp, CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(os.path.join(tmp, name), out_dir / name)
+    return out_dir / WEIGHTS_NAME
+
+
+def export_backbone(
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    model: str | Mapping | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+) -> Path:
+    """Teacher backbone of ``checkpoint`` (or a random init of ``model``) -> ``out_dir/model.safetensors``.
+
+    ``mean``/``std`` must be the training normalisation: they go into the timm ``pretrained_cfg``
+    that ``timm.data.resolve_data_config`` hands to downstream users.
+    """
+    spec, weights = resolve_checkpoint(checkpoint, model)
+    backbone = build_backbone(spec)
+    if weights is not None:
+        load_weights(backbone, weights)
+    source = str(checkpoint) if checkpoint is not None else None
+    config = timm_config(backbone, spec, mean, std, crop_pct, interpolation, source)
+    return write_export(backbone, config, out_dir)
+
+
+def create_timm_model(out_dir: str | Path) -> nn.Module:
+    """Load an export with plain timm (the documented call above), in eval mode."""
+    out_dir = Path(out_dir)
+    config = json.loads((out_dir / CONFIG_NAME).read_text())
+    model = timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out_dir / WEIGHTS_NAME), num_classes=0),
+        **timm_create_kwargs(config),
+    )
+    return model.eval()
+
+
+__all__ = ["create_timm_model", "export_backbone", "timm_config", "timm_create_kwargs", "write_export"]

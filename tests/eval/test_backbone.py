@@ -1,0 +1,95 @@
+"""Loading the backbone to evaluate from a Lightning-layout checkpoint, an export, or a random init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_path.eval.backbone import complete_spec, load_backbone, resolve_checkpoint, teacher_state_dict
+from ssl_path.eval.export import export_backbone
+from ssl_path.models import create_backbone
+
+
+def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, **kwargs):
+    """Save a dict in the trainer's layout: student/teacher under state_dict, config in hyper_parameters."""
+    torch.manual_seed(123)
+    teacher = create_backbone(name, **kwargs)
+    student = create_backbone(name, **kwargs)
+    with torch.no_grad():
+        teacher.mask_token.normal_()
+    state = {f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
+    state |= {f"student.backbone.{k}": v for k, v in student.state_dict().items()}
+    state["teacher.head.last_layer.weight"] = torch.zeros(4, 2)
+    ckpt = {"state_dict": state, "global_step": 3}
+    if with_config:
+        backbone_cfg = {"_target_": "ssl_path.models.create_backbone", "_partial_": True, "name": name}
+        ckpt["hyper_parameters"] = {"config": {"model": {"backbone": backbone_cfg | kwargs, "head": {}}}}
+    torch.save(ckpt, path)
+    return teacher
+
+
+def _cls(backbone, x):
+    with torch.no_grad():
+        return backbone.eval()(x)["cls"]
+
+
+def test_teacher_weights_come_back_from_a_lightning_checkpoint(tmp_path):
+    teacher = fake_lightning_checkpoint(tmp_path / "last.ckpt", reg_tokens=0, drop_path_rate=0.1)
+    loaded = load_backbone(tmp_path / "last.ckpt")
+    assert loaded.num_reg_tokens == 0  # architecture from the saved config, not the preset default
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_cls(loaded, x), _cls(teacher, x))
+    assert torch.equal(loaded.mask_token, teacher.mask_token)
+    assert not loaded.training
+
+
+def test_checkpoint_without_config_needs_the_model(tmp_path):
+    teacher = fake_lightning_checkpoint(tmp_path / "c.ckpt", with_config=False)
+    with pytest.raises(ValueError, match="pass model=<preset>"):
+        load_backbone(tmp_path / "c.ckpt")
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_cls(load_backbone(tmp_path / "c.ckpt", model="vit_tiny"), x), _cls(teacher, x))
+    with pytest.raises(ValueError, match="does not fit"):  # wrong architecture is refused by name
+        load_backbone(tmp_path / "c.ckpt", model={"backbone": {"name": "vit_tiny", "reg_tokens": 0}})
+
+
+def test_compiled_keys_and_missing_teacher_keys(tmp_path):
+    bb = create_backbone("vit_tiny")
+    ckpt = {
+        "state_dict": {
+            f"teacher.backbone.{k.replace('vit.', 'vit._orig_mod.')}": v for k, v in bb.state_dict().items()
+        }
+    }
+    assert set(teacher_state_dict(ckpt)) == set(bb.state_dict())
+    with pytest.raises(ValueError, match="no `teacher.backbone"):
+        teacher_state_dict({"state_dict": {"student.backbone.vit.cls_token": torch.zeros(1)}})
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    a, b, c = (load_backbone(model="vit_tiny", seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_cls(a, x), _cls(b, x)) and not torch.equal(_cls(a, x), _cls(c, x))
+
+
+def test_specs_are_complete_and_checked():
+    spec = complete_spec({"name": "vit_tiny", "drop_path_rate": 0.3})
+    assert spec["drop_path_rate"] == 0.0 and spec["reg_tokens"] == 4 and spec["img_size"] == 224
+    with pytest.raises(ValueError, match="unknown create_backbone arguments"):
+        complete_spec({"name": "vit_tiny", "regtokens": 4})
+    with pytest.raises(ValueError, match="give a checkpoint"):
+        resolve_checkpoint(None, None)
+    with pytest.raises(FileNotFoundError):
+        load_backbone("missing.ckpt")
+
+
+def test_exported_safetensors_loads_back(tmp_path):
+    teacher = fake_lightning_checkpoint(tmp_path / "last.ckpt")
+    path = export_backbone(tmp_path / "last.ckpt", tmp_path / "export")
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(_cls(load_backbone(path), x), _cls(teacher, x))
+    (tmp_path / "export" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_backbone(path)
