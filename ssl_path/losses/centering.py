@@ -41,8 +41,9 @@ def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor, temp: flo
 class SoftmaxCenter(nn.Module):
     """EMA centre of the teacher logits (a buffer, so it is checkpointed and moved with the model).
 
-    ``forward(logits, temp)`` is pure; ``update(logits, momentum)`` moves the centre towards the
-    batch mean (all-reduced over the group): ``c <- m * c + (1 - m) * mean(logits)``.
+    ``forward(logits, temp)`` (alias ``apply(logits, temp)``) is pure; ``update(logits, momentum)``
+    moves the centre towards the batch mean, all-reduced over the group:
+    ``c <- m * c + (1 - m) * mean(logits)``.
 
     Args:
         out_dim: number of prototypes K.
@@ -57,6 +58,18 @@ class SoftmaxCenter(nn.Module):
     def forward(self, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
         """(..., K) logits -> (..., K) centred, sharpened probabilities; no state change."""
         return softmax_center(teacher_logits, self.center, temp)
+
+    def apply(self, fn_or_logits, temp: float | None = None):  # type: ignore[override]
+        """``apply(logits, temp)`` = ``forward`` (the interface name); ``apply(fn)`` stays nn.Module's.
+
+        nn.Module.apply recurses into children with ``child.apply(fn)``, so a parent's
+        ``model.apply(init_fn)`` must keep working: dispatch on the argument type.
+        """
+        if isinstance(fn_or_logits, torch.Tensor):
+            if temp is None:
+                raise TypeError("SoftmaxCenter.apply(logits, temp) needs a temperature")
+            return self.forward(fn_or_logits, temp)
+        return super().apply(fn_or_logits)
 
     @torch.no_grad()
     def update(

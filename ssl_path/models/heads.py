@@ -73,7 +73,7 @@ class DINOHead(nn.Module):
 
 
 def _init_linear(module: nn.Module) -> None:
-    """Truncated-normal (std 0.02) weights, zero biases, as in the DINO/DINOv2 heads."""
+    """Normal(0, 0.02) weights truncated at +-2 (absolute, as the DINO/DINOv2 heads), zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

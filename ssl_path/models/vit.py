@@ -6,7 +6,8 @@ We do not re-implement the ViT. Each preset is a literal dict of architecture kw
 facebookresearch/dinov2 ``dinov2/models/vision_transformer.py``): LayerScale (``init_values``),
 register tokens (Darcet et al. 2024, arXiv:2309.16588), drop path, SwiGLU MLPs for the big models
 and one model for every crop size (``dynamic_img_size=True``: the positional embedding is resampled
-to the grid of each input, so 224 px global and 98 px local crops share the weights).
+to the grid of each input, so 224 px global and 98 px local crops share the weights; a size that is
+not a multiple of the patch is zero-padded up to one, ``dynamic_img_pad=True``).
 ViT-H/14 is Virchow's (Vorontsov et al. 2024, arXiv:2309.07778): 1280 dim, 32 blocks, 16 heads,
 SwiGLU-packed MLP ratio 5.3375 (timm ``hf-hub:paige-ai/Virchow``).
 
@@ -102,9 +103,11 @@ class Backbone(nn.Module):
         return self.vit.num_reg_tokens
 
     def num_patches(self, img_size: int | tuple[int, int]) -> int:
-        """Patch tokens for a square (int) or (H, W) input; leftover pixels are dropped by the conv."""
+        """Patch tokens for a square (int) or (H, W) input; sizes that are not a multiple of the patch
+        are zero-padded up to one (timm ``dynamic_img_pad``), e.g. 98 px at patch 16 gives 7 x 7."""
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        return (h // self.patch_size) * (w // self.patch_size)
+        p = self.patch_size
+        return -(-h // p) * -(-w // p)
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Embed, swap masked patches for ``mask_token`` (before pos-embed, as iBOT/DINOv2), run blocks."""
@@ -138,7 +141,7 @@ class Backbone(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer groups with our ``vit.`` prefix; the mask token belongs to the stem (layer 0)."""
         return dict(
-            stem=r"^mask_token|^vit\.(cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            stem=r"^(?:mask_token|vit\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre))",
             blocks=[(r"^vit\.blocks\.(\d+)", None), (r"^vit\.norm", (99999,))],
         )
 
@@ -195,6 +198,7 @@ def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
         global_pool="token",
         num_classes=0,
         dynamic_img_size=True,
+        dynamic_img_pad=True,
         drop_path_rate=0.0 if opts.drop_path_uniform else opts.drop_path_rate,
     )
     if swiglu:
