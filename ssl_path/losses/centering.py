@@ -96,7 +96,9 @@ def sinkhorn_knopp(
     Alternates normalising prototypes to mass 1/K and samples to mass 1/N on
     ``Q = exp(logits / temp)``, where N is the *global* number of samples (all ranks), then scales by
     N (DINOv2's convention). After the last step every sample row sums to exactly 1; each
-    prototype column sums to about N/K (exactly in the limit of many iterations).
+    prototype column sums to about N/K (exactly in the limit of many iterations). The logits are
+    shifted by their global maximum (exact: a constant cancels); the spread of ``logits / temp``
+    must stay within fp32's exp range (~80), true for DINOHead's cosine logits at temp >= 0.025.
 
     Args:
         teacher_logits: (N_local, K) teacher head outputs of this rank.
