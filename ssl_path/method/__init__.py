@@ -1,0 +1,23 @@
+"""The DINOv2 method: LightningModule, schedules, parameter groups, EMA, checkpointing."""
+
+from ssl_path.method.checkpointing import AtomicCheckpointIO, GracefulStop, PeriodicCheckpoint
+from ssl_path.method.ema import ema_update
+from ssl_path.method.module import DINOv2Module, NonFiniteLossError, build_schedules
+from ssl_path.method.optim import OptimConfig, build_optimizer
+from ssl_path.method.param_groups import param_groups
+from ssl_path.method.schedules import Schedules, ScheduleValues
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "DINOv2Module",
+    "GracefulStop",
+    "NonFiniteLossError",
+    "OptimConfig",
+    "PeriodicCheckpoint",
+    "ScheduleValues",
+    "Schedules",
+    "build_optimizer",
+    "build_schedules",
+    "ema_update",
+    "param_groups",
+]

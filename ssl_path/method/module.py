@@ -1,0 +1,417 @@
+"""DINOv2 self-distillation as a LightningModule (Oquab et al. 2023, arXiv:2304.07193).
+
+Reference implementation: facebookresearch/dinov2 ``dinov2/train/ssl_meta_arch.py`` (and the DINOv3
+split into ``get_teacher_output`` / ``get_student_output`` / ``compute_losses``). Lightning owns the
+loop; this module owns the student, the EMA teacher, the multi-crop forward and the losses:
+
+* teacher (no grad, eval mode, no drop path) sees the ``n_g`` global crops; its CLS tokens go through
+  the DINO head, its patch tokens *at the student's masked positions only* through the iBOT head;
+  both are centred (Sinkhorn-Knopp or softmax with an EMA centre) at the scheduled temperature;
+* student sees the global crops with iBOT masking and the ``n_l`` local crops without;
+* loss = DINO CE (student crops vs the other teacher global crops) + iBOT masked-patch CE
+  + KoLeo / KDE on the student's global CLS tokens;
+* after each *optimiser* step (not micro-batch) ``teacher <- m teacher + (1 - m) student``.
+
+Every scheduled value is recomputed from ``global_step`` (``schedules.Schedules.at``) at each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ssl_path import losses as L_
+from ssl_path.method.ema import ema_update
+from ssl_path.method.optim import OptimConfig, build_optimizer
+from ssl_path.method.rng import get_rng_state, set_rng_state
+from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
+from ssl_path.method.throughput import peak_flops_per_device
+
+log = logging.getLogger(__name__)
+
+CENTERINGS = ("sinkhorn_knopp", "softmax")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive steps with a non-finite loss."""
+
+
+class DINOv2Module(L.LightningModule):
+    """Student + EMA teacher trained with DINO, iBOT and KoLeo/KDE losses.
+
+    Args:
+        backbone: factory ``(drop_path_rate=...) -> Backbone`` (``model.backbone``, a hydra partial of
+            ``ssl_path.models.create_backbone``); called for the student and, with no drop path, the teacher.
+        head: factory ``(in_dim) -> DINOHead`` (``model.head``), used for the DINO and iBOT heads.
+        optim: optimiser and lr / weight-decay schedule settings (``configs/optim``).
+        batch_size: per-device batch size (images before multi-crop); the global batch size
+            ``batch_size * world_size * accumulate_grad_batches`` scales the lr.
+        total_steps: schedule length in optimiser steps (normally ``trainer.max_steps``).
+        dino_weight, ibot_weight, koleo_weight, kde_weight: loss weights (0 disables a term).
+        kde_bandwidth: KDE kernel bandwidth.
+        student_temp: student softmax temperature.
+        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps: teacher temperature warmup.
+        momentum_teacher, momentum_teacher_end: EMA momentum, cosine from the first to the second.
+        freeze_last_layer_steps: prototype layer frozen for these first steps.
+        centering: ``sinkhorn_knopp`` (DINOv2) or ``softmax`` (DINO's EMA centre).
+        center_momentum: EMA momentum of the softmax centre.
+        separate_ibot_head: a second head for iBOT (DINOv2 large configs) or the DINO head shared.
+        max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising.
+        compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
+        seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
+    """
+
+    def __init__(
+        self,
+        backbone: Callable[..., nn.Module],
+        head: Callable[..., nn.Module],
+        optim: OptimConfig,
+        batch_size: int,
+        total_steps: int,
+        dino_weight: float = 1.0,
+        ibot_weight: float = 1.0,
+        koleo_weight: float = 0.1,
+        kde_weight: float = 0.0,
+        kde_bandwidth: float = 0.5,
+        student_temp: float = 0.1,
+        teacher_temp_warmup: float = 0.04,
+        teacher_temp: float = 0.07,
+        teacher_temp_warmup_steps: int = 37500,
+        momentum_teacher: float = 0.992,
+        momentum_teacher_end: float = 1.0,
+        freeze_last_layer_steps: int = 1250,
+        centering: str = "sinkhorn_knopp",
+        center_momentum: float = 0.9,
+        separate_ibot_head: bool = True,
+        max_nonfinite_steps: int = 3,
+        compile_blocks: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        self.optim = optim
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight, "kde": kde_weight}
+        self.kde_bandwidth = kde_bandwidth
+        self.student_temp = student_temp
+        self.teacher_schedule = dict(
+            teacher_temp_warmup=teacher_temp_warmup,
+            teacher_temp=teacher_temp,
+            teacher_temp_warmup_steps=teacher_temp_warmup_steps,
+            momentum=momentum_teacher,
+            momentum_end=momentum_teacher_end,
+            freeze_last_layer_steps=freeze_last_layer_steps,
+        )
+        self.centering = centering
+        self.center_momentum = center_momentum
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.compile_blocks = compile_blocks
+        self.seed = seed
+        self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
+        self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        out_dim = _head_out_dim(self.student["dino_head"])
+        if centering == "softmax":
+            self.dino_center = L_.SoftmaxCenter(out_dim)
+            self.ibot_center = L_.SoftmaxCenter(out_dim)
+        self.schedules: Schedules | None = None  # needs the world size: built in setup()
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
+        self._skip_step = False
+        self._pending_rng: dict | None = None
+        self._last_step_time: float | None = None
+        self._step_flops: dict[tuple, float] = {}
+
+    @staticmethod
+    def _build_model(backbone, head, separate_ibot_head: bool, drop_path: float | None) -> nn.ModuleDict:
+        bb = backbone() if drop_path is None else backbone(drop_path_rate=drop_path)
+        dino_head = head(in_dim=bb.embed_dim)
+        ibot_head = head(in_dim=bb.embed_dim) if separate_ibot_head else dino_head
+        return nn.ModuleDict({"backbone": bb, "dino_head": dino_head, "ibot_head": ibot_head})
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self.schedules = build_schedules(
+            self.optim, self.teacher_schedule, self.batch_size * world, self.total_steps
+        )
+
+    def configure_model(self) -> None:
+        if self.compile_blocks:
+            for model in (self.student, self.teacher):
+                for block in model["backbone"].vit.blocks:
+                    block.compile()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)
+        return build_optimizer(self.student, self.optim, use_fused=self.device.type == "cuda")
+
+    def train(self, mode: bool = True) -> DINOv2Module:
+        """The teacher stays in eval mode whatever Lightning asks (no drop path, fixed norms)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------ forward pieces
+    @torch.no_grad()
+    def teacher_output(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Teacher targets: ``cls_probs`` (n_g, B, K), ``ibot_probs`` (M, K); raw logits for centring."""
+        crops, masks = batch["global_crops"], batch["masks"]  # (n_g*B, 3, G, G), (n_g*B, N)
+        n_g = int(batch["n_global_crops"])
+        out = self.teacher["backbone"](crops)  # cls (n_g*B, D), patch (n_g*B, N, D)
+        cls_logits = self.teacher["dino_head"](out["cls"])  # (n_g*B, K)
+        ibot_logits = self.teacher["ibot_head"](out["patch"][masks])  # (M, K)
+        if self.centering == "softmax":
+            cls_probs = self.dino_center.apply(cls_logits, teacher_temp)
+            ibot_probs = self.ibot_center.apply(ibot_logits, teacher_temp)
+        else:
+            cls_probs = L_.sinkhorn_knopp(cls_logits, teacher_temp)
+            ibot_probs = L_.sinkhorn_knopp(ibot_logits, teacher_temp)
+        return {
+            "cls_probs": cls_probs.unflatten(0, (n_g, -1)),  # (n_g, B, K)
+            "ibot_probs": ibot_probs,  # (M, K)
+            "cls_logits": cls_logits,  # (n_g*B, K)
+            "ibot_logits": ibot_logits,  # (M, K)
+        }
+
+    def student_output(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Student: ``cls_logits`` (n_g + n_l, B, K), ``ibot_logits`` (M, K), ``global_cls`` (n_g*B, D)."""
+        crops, masks = batch["global_crops"], batch["masks"]
+        n_g, n_l = int(batch["n_global_crops"]), int(batch.get("n_local_crops", 0))
+        g = self.student["backbone"](crops, masks=masks)
+        cls_tokens = [g["cls"]]  # (n_g*B, D)
+        if n_l > 0:
+            cls_tokens.append(self.student["backbone"](batch["local_crops"])["cls"])  # (n_l*B, D)
+        cls_logits = self.student["dino_head"](torch.cat(cls_tokens))  # ((n_g+n_l)*B, K)
+        ibot_logits = self.student["ibot_head"](g["patch"][masks])  # (M, K)
+        return {
+            "cls_logits": cls_logits.unflatten(0, (n_g + n_l, -1)),
+            "ibot_logits": ibot_logits,
+            "global_cls": g["cls"],
+        }
+
+    def compute_losses(
+        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Weighted loss terms and their sum ``total`` (all scalars)."""
+        masks = batch["masks"]  # (n_g*B, N)
+        n_g = int(batch["n_global_crops"])
+        zero = student["cls_logits"].sum() * 0.0  # keeps every head in the graph (DDP)
+        out: dict[str, torch.Tensor] = {}
+        if self.weights["dino"] > 0:
+            out["dino"] = L_.dino_loss(student["cls_logits"], teacher["cls_probs"], self.student_temp)
+        if self.weights["ibot"] > 0:
+            # each image weighs the same whatever its number of masked patches (DINOv2 masks_weight)
+            weights = L_.ibot_mask_weights(masks)  # (M,)
+            out["ibot"] = L_.ibot_patch_loss(
+                student["ibot_logits"], teacher["ibot_probs"], weights, self.student_temp
+            )
+        if self.weights["koleo"] > 0:
+            out["koleo"] = sum(L_.koleo_loss(c) for c in student["global_cls"].chunk(n_g))
+        if self.weights["kde"] > 0:
+            out["kde"] = sum(L_.kde_loss(c, self.kde_bandwidth) for c in student["global_cls"].chunk(n_g))
+        total = zero
+        for name, value in out.items():
+            total = total + self.weights[name] * value
+        out["total"] = total
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def schedule_at(self, step: int) -> ScheduleValues:
+        if self.schedules is None:
+            raise RuntimeError("schedules are built in setup(); call module.setup_schedules(...) first")
+        return self.schedules.at(step)
+
+    def apply_optimizer_schedule(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
+        """Write the scheduled lr and weight decay into every param group (times its multipliers)."""
+        for group in optimizer.param_groups:
+            group["lr"] = values.lr * group["lr_mult"]
+            group["weight_decay"] = values.weight_decay * group["wd_mult"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        values = self.schedule_at(self.global_step)
+        self.apply_optimizer_schedule(self.optimizers(use_pl_optimizer=False), values)
+        teacher = self.teacher_output(batch, values.teacher_temp)
+        student = self.student_output(batch)
+        losses = self.compute_losses(student, teacher, batch)
+        finite = self._finite_on_all_ranks(losses["total"])
+        self._log_step(losses, values, batch)
+        if not finite:
+            return self._skip_nonfinite(losses)
+        self.nonfinite_in_a_row = 0
+        if self.centering == "softmax":
+            self.dino_center.update(teacher["cls_logits"], self.center_momentum)
+            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum)
+        return losses["total"]
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).to(torch.float32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank skips, or none does
+        return bool(flag.item())
+
+    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
+        self._skip_step = True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        terms = {k: float(v.detach()) for k, v in losses.items()}
+        log.warning(
+            "non-finite loss at step %d (%d in a row), step skipped: %s",
+            self.global_step,
+            self.nonfinite_in_a_row,
+            terms,
+        )
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"loss was non-finite for {self.nonfinite_in_a_row} consecutive steps (limit "
+                f"method.max_nonfinite_steps={self.max_nonfinite_steps}) at step {self.global_step}; "
+                f"last loss terms: {terms}. Lower the lr, check the data, or resume earlier."
+            )
+        return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.schedule_at(self.global_step).last_layer_frozen:
+            for group in optimizer.param_groups:
+                if group["is_last_layer"]:
+                    for p in group["params"]:
+                        p.grad = None  # AdamW skips it: no update, no moment accumulation
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        max_norm = self.optim.clip_grad if self.optim.clip_grad > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""
+        step = self.global_step
+        self._skip_step = False
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if not self._skip_step:
+            ema_update(self.teacher, self.student, self.schedule_at(step).momentum)
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, losses: dict[str, torch.Tensor], values: ScheduleValues, batch: dict) -> None:
+        metrics: dict[str, Any] = {f"loss/{k}": v.detach() for k, v in losses.items()}
+        metrics.update(
+            {
+                "train/lr": values.lr,
+                "train/weight_decay": values.weight_decay,
+                "train/momentum": values.momentum,
+                "train/teacher_temp": values.teacher_temp,
+                "train/last_layer_frozen": float(values.last_layer_frozen),
+                "train/nonfinite_steps": float(self.nonfinite_total),
+                "train/masked_fraction": batch["masks"].float().mean(),
+            }
+        )
+        for key, value in (batch.get("data_stats") or {}).items():
+            if isinstance(value, int | float) or (torch.is_tensor(value) and value.numel() == 1):
+                metrics[f"data/{key}"] = float(value)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.batch_size)
+        self.log(
+            "loss",
+            losses["total"].detach(),
+            prog_bar=True,
+            on_step=True,
+            logger=False,
+            batch_size=self.batch_size,
+        )
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if (
+            self._pending_rng is not None
+        ):  # after a resume: restore as late as possible (see on_load_checkpoint)
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = now - self._last_step_time
+            images = self.batch_size * self.trainer.world_size
+            self.log("perf/images_per_s", images / dt, on_step=True, on_epoch=False)
+            peak = peak_flops_per_device(self.device, self.trainer.precision)
+            if peak:
+                self.log("perf/mfu", self.step_flops(batch) / dt / peak, on_step=True, on_epoch=False)
+        self._last_step_time = now
+
+    def step_flops(self, batch: dict[str, Any]) -> float:
+        """Training FLOPs of one step on this device: 3x forward for the student, 1x for the teacher."""
+        g, loc = batch["global_crops"], batch.get("local_crops")
+        key = (tuple(g.shape), None if loc is None else tuple(loc.shape))
+        if key not in self._step_flops:
+            bb = self.teacher["backbone"]
+            f_g = bb.flops_per_image(tuple(g.shape[-2:])) * g.shape[0]
+            f_l = 0 if loc is None else bb.flops_per_image(tuple(loc.shape[-2:])) * loc.shape[0]
+            self._step_flops[key] = float(3 * (f_g + f_l) + f_g)
+        return self._step_flops[key]
+
+    # ------------------------------------------------------------------ checkpoint state
+    def on_train_start(self) -> None:
+        # distinct drop-path noise per rank; the same on every restart (runs before the data iterator)
+        if self.trainer.world_size > 1:
+            torch.manual_seed(self.seed + self.trainer.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = [get_rng_state()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, get_rng_state())
+        checkpoint["rng_states"] = states  # one per rank
+        checkpoint["nonfinite"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if len(states) == self._world_size_or_one():
+            self._pending_rng = states[rank]
+        elif states:
+            log.warning(
+                "checkpoint has RNG states for %d ranks, this run has %d: not restoring them",
+                len(states),
+                self._world_size_or_one(),
+            )
+        counts = checkpoint.get("nonfinite", {})
+        self.nonfinite_in_a_row = counts.get("in_a_row", 0)
+        self.nonfinite_total = counts.get("total", 0)
+
+    def _world_size_or_one(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+
+def build_schedules(
+    optim: OptimConfig, teacher: dict[str, Any], global_batch_size: int, total_steps: int
+) -> Schedules:
+    """All schedules of a run; the peak lr is ``optim.lr`` scaled to ``global_batch_size``."""
+    return Schedules(
+        lr=scale_lr(optim.lr, global_batch_size, optim.reference_batch_size, optim.lr_scaling),
+        min_lr=optim.min_lr,
+        warmup_steps=optim.warmup_steps,
+        total_steps=total_steps,
+        weight_decay=optim.weight_decay,
+        weight_decay_end=optim.weight_decay_end,
+        **teacher,
+    )
+
+
+def _head_out_dim(head: nn.Module) -> int:
+    return head.last_layer.out_features  # DINOHead's prototype layer

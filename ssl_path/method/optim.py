@@ -1,0 +1,64 @@
+"""AdamW over the layer-decayed parameter groups (Loshchilov & Hutter 2019, arXiv:1711.05101).
+
+Defaults are DINOv2's (``dinov2/configs/ssl_default_config.yaml``), counted in steps: peak lr 4e-3 per
+1024 images scaled with the square-root rule, cosine to 1e-6, weight decay cosine 0.04 -> 0.4,
+layer-wise decay 0.9, patch-embed lr x0.2, gradient norm clipped to 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssl_path.method.param_groups import param_groups
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and lr / weight-decay schedule settings (``configs/optim/adamw.yaml`` lists them all).
+
+    Args:
+        lr: peak lr for a global batch of ``reference_batch_size`` images.
+        min_lr: lr at the end of the cosine.
+        warmup_steps: linear lr warmup from 0.
+        lr_scaling: ``sqrt`` (DINOv2), ``linear`` or ``none``.
+        reference_batch_size: batch size ``lr`` is given for.
+        weight_decay, weight_decay_end: cosine weight-decay schedule.
+        beta1, beta2, eps: AdamW.
+        layer_decay: layer-wise lr decay (1.0 = off).
+        patch_embed_lr_mult: lr factor for the patch embedding.
+        clip_grad: max global gradient norm (0 = no clipping; the norm is logged either way).
+        fused: fused AdamW kernel; ``None`` = on CUDA only (we clip ourselves, so it combines with clipping).
+    """
+
+    lr: float = 4e-3
+    min_lr: float = 1e-6
+    warmup_steps: int = 12500
+    lr_scaling: str = "sqrt"
+    reference_batch_size: int = 1024
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    layer_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    fused: bool | None = None
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, use_fused: bool) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, ...)``; ``foreach`` on CPU, ``fused`` on CUDA unless disabled."""
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.patch_embed_lr_mult)
+    fused = use_fused if cfg.fused is None else cfg.fused
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=True if fused else None,
+        foreach=None if fused else True,
+    )
