@@ -10,8 +10,8 @@ The folder follows timm's Hugging Face layout (``timm/models/_hub.py::save_confi
 
 rebuilds the backbone with the same weights and features. Presets with a packed SwiGLU MLP whose
 timm architecture does not already use one (``vit_h14``/``vit_h16``, as for Virchow) also need
-``mlp_layer=timm.layers.SwiGLUPacked``: JSON cannot hold a class, so it is recorded under
-``ssl_path.python_kwargs`` and :func:`timm_create_kwargs` resolves it. ``num_classes=0`` in the
+``mlp_layer=timm.layers.SwiGLUPacked``: JSON cannot hold a class, so it is recorded by import
+path under ``ssl_path.python_kwargs`` and :func:`timm_create_kwargs` rebuilds it. ``num_classes=0`` in the
 overlay keeps timm's load strict (otherwise timm relaxes strictness for the dropped classifier).
 The ``ssl_path`` entry also records the ``create_backbone`` spec, so ``ssl-path-eval`` and
 ``create_backbone(pretrained_path=...)`` (continued pretraining) read the file back.
@@ -19,6 +19,7 @@ The ``ssl_path`` entry also records the ``create_backbone`` spec, so ``ssl-path-
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -41,20 +42,36 @@ _ACTIVATIONS = {nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU: "relu"}
 _RUNTIME_ARGS = ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate")
 
 
-def _dotted(obj: type) -> str:
-    return f"{obj.__module__}.{obj.__qualname__}"
+def _encode_layer(value: Any) -> dict[str, Any]:
+    """A class or ``functools.partial`` of one (timm's ``SwiGLUPacked``) -> JSON-able description."""
+    if isinstance(value, functools.partial):
+        kwargs = {k: _encode_layer(v) if callable(v) else v for k, v in value.keywords.items()}
+        return {"callable": _encode_layer(value.func)["callable"], "kwargs": kwargs}
+    if isinstance(value, type):
+        return {"callable": f"{value.__module__}.{value.__qualname__}"}
+    raise TypeError(f"cannot describe {value!r} in JSON")
 
 
-def timm_model_args(backbone: Backbone) -> tuple[dict[str, Any], dict[str, str]]:
-    """Split ``backbone.timm_kwargs`` into JSON ``model_args`` and classes given as dotted paths."""
+def _decode_layer(desc: Mapping[str, Any]) -> Any:
+    module, _, name = desc["callable"].rpartition(".")
+    obj = getattr(importlib.import_module(module), name)
+    if "kwargs" not in desc:
+        return obj
+    kwargs = {k: _decode_layer(v) if isinstance(v, Mapping) else v for k, v in desc["kwargs"].items()}
+    return functools.partial(obj, **kwargs)
+
+
+def timm_model_args(backbone: Backbone) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``backbone.timm_kwargs`` into JSON ``model_args`` and layer classes/partials described
+    by import path (``python_kwargs``)."""
     args, python = {}, {}
     for key, value in backbone.timm_kwargs.items():
         if key in _RUNTIME_ARGS:
             continue
         if key == "act_layer" and value in _ACTIVATIONS:
             args[key] = _ACTIVATIONS[value]  # timm's get_act_layer resolves the name
-        elif isinstance(value, type):
-            python[key] = _dotted(value)
+        elif callable(value):
+            python[key] = _encode_layer(value)
         else:
             args[key] = value
     return args, python
@@ -63,9 +80,8 @@ def timm_model_args(backbone: Backbone) -> tuple[dict[str, Any], dict[str, str]]
 def timm_create_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config.json`` -> kwargs for ``timm.create_model(config["architecture"], **kwargs)``."""
     kwargs = dict(config["model_args"])
-    for key, dotted in config.get("ssl_path", {}).get("python_kwargs", {}).items():
-        module, _, name = dotted.rpartition(".")
-        kwargs[key] = getattr(importlib.import_module(module), name)
+    for key, desc in config.get("ssl_path", {}).get("python_kwargs", {}).items():
+        kwargs[key] = _decode_layer(desc)
     return kwargs
 
 
