@@ -1,0 +1,92 @@
+"""Reading the tiler's ``manifest.json`` and choosing data-size tiers (nested subsets of slides).
+
+Tiers vary the number of *slides*, not tiles, so a scaling sweep measures what more patients buy.
+The slide order is a hash of (tier_seed, slide id): independent of manifest order, stable when
+slides are added, and every fraction/count tier is a prefix of it, so tier k is a subset of tier k+1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard to stream: absolute path, sample count from the manifest, and the slide filter.
+
+    ``keep`` is None when every sample of the shard belongs to the tier, else the slide ids to keep.
+    """
+
+    path: str
+    num_samples: int
+    keep: frozenset[str] | None
+
+
+def load_manifest(root: str | Path) -> dict:
+    """Read ``<root>/manifest.json`` (format in docs/interfaces.md) with a clear error if absent."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest.json under {root!s}; run ssl-path-tile first")
+    with open(path) as f:
+        manifest = json.load(f)
+    for key in ("shards", "slides"):
+        if key not in manifest:
+            raise ValueError(f"{path}: manifest lacks '{key}'")
+    return manifest
+
+
+def slide_order(slide_ids: Sequence[str], tier_seed: int = 0) -> list[str]:
+    """Slides sorted by sha256(f"{tier_seed}:{slide_id}"): the fixed order that tiers are prefixes of."""
+    return sorted(slide_ids, key=lambda s: hashlib.sha256(f"{tier_seed}:{s}".encode()).hexdigest())
+
+
+def select_slides(manifest: dict, tier: float | int | Sequence[str], tier_seed: int = 0) -> list[str]:
+    """The slides of a data-size tier, in tier order.
+
+    Args:
+        manifest: as returned by :func:`load_manifest`; slides with status "ok" and tiles > 0 count.
+        tier: a float in (0, 1] (fraction of slides, rounded up, at least one), an int >= 1 (that many
+            slides), or a list of slide ids (exactly those; unknown ids are an error).
+        tier_seed: changes the slide order (and so which slides a fraction picks).
+    """
+    usable = [
+        s for s, info in manifest["slides"].items() if info.get("status") == "ok" and info.get("tiles", 0) > 0
+    ]
+    if not usable:
+        raise ValueError("manifest has no slide with status 'ok' and tiles > 0")
+    order = slide_order(usable, tier_seed)
+    if isinstance(tier, bool):
+        raise TypeError("tier must be a fraction, a count or a list of slide ids, not a bool")
+    if isinstance(tier, float):
+        if not 0.0 < tier <= 1.0:
+            raise ValueError(f"a fractional tier must be in (0, 1], got {tier}")
+        return order[: max(1, math.ceil(tier * len(order) - 1e-9))]
+    if isinstance(tier, int):
+        if not 1 <= tier <= len(order):
+            raise ValueError(f"tier asks for {tier} slides; the manifest has {len(order)} usable")
+        return order[:tier]
+    names = [str(s) for s in tier]
+    unknown = sorted(set(names) - set(usable))
+    if unknown:
+        raise ValueError(f"tier names slides not usable in the manifest: {unknown}")
+    return [s for s in order if s in set(names)]
+
+
+def select_shards(manifest: dict, root: str | Path, slides: Sequence[str]) -> list[ShardRef]:
+    """Shards holding any selected slide, with a per-sample slide filter where a shard mixes slides."""
+    chosen = set(slides)
+    shards = []
+    for entry in manifest["shards"]:
+        ids = set(entry.get("slide_ids", []))
+        if not ids & chosen or entry.get("num_samples", 0) <= 0:
+            continue
+        keep = None if ids <= chosen else frozenset(ids & chosen)
+        shards.append(ShardRef(str(Path(root) / entry["path"]), int(entry["num_samples"]), keep))
+    if not shards:
+        raise ValueError(f"no non-empty shard holds the selected slides {sorted(chosen)[:5]}...")
+    return shards

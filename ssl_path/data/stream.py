@@ -1,0 +1,259 @@
+"""Deterministic, resumable, infinite streaming of tiles from WebDataset shards.
+
+A *stream* is identified by (seed, rank, stream_id) and is a pure function of its position, so
+the state of a run is a few integers per stream and a resumed run sees exactly the samples an
+uninterrupted run would have seen, without replaying anything.
+
+Layout of a stream: ``shards_per_chunk`` *slots* each walk an endless sequence of shards drawn with
+replacement (probability proportional to sample count; the draws are seeded by the stream, the
+slot and the draw number) and read each drawn shard front to back in *windows* of ``window`` raw
+samples. Chunk c is window c of every slot; its samples (after the tier's slide filter) are permuted
+with an RNG seeded by (stream, c). The position of a stream is (chunk, index in chunk); where each
+slot is at chunk c follows from the manifest's sample counts alone, so resuming opens the right
+shards and skips to the right offsets. Reading stays sequential (one open tar per slot), which is
+what large shards on network file systems need. Seeds never come from pids or clocks.
+
+Tar parsing is webdataset's (``tar_file_expander`` + ``group_by_keys``); bad input is counted by
+reason (:class:`SkipCounter`) and skipped, never fatal, unless a stream finds nothing readable at all.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ssl_path.data.decode import DecodeError, decode_tile
+from ssl_path.data.manifest import ShardRef
+
+# Tags that separate the RNG streams derived from one seed.
+TAG_DRAW, TAG_PERM, TAG_AUG, TAG_RESEED = 1, 2, 3, 4
+_DRAW_BLOCK = 1024
+_MAX_EMPTY_CHUNKS = 64
+
+
+class DataSkipWarning(RuntimeWarning):
+    """An input was skipped (corrupt tar, missing or undecodable JPEG); emitted once per reason."""
+
+
+class SkipCounter:
+    """Counts skipped inputs by reason and warns once per reason (per process)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, reason: str, detail: str) -> None:
+        if reason not in self.counts:
+            warnings.warn(
+                f"ssl_path.data: skipping input ({reason}): {detail}. Further '{reason}' skips are only "
+                "counted (batch['data_stats']).",
+                DataSkipWarning,
+                stacklevel=2,
+            )
+        self.counts[reason] += 1
+
+
+def _tar_reason(exn: Exception) -> tuple[str, bool]:
+    """Map a webdataset reader exception to (reason, keep reading this shard)."""
+    if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+        return "duplicate_member", True
+    if isinstance(exn, tarfile.TarError | EOFError | OSError):
+        return "truncated_tar", False
+    return "tar_error", False
+
+
+def iter_shard(path: str, counter: SkipCounter) -> Iterator[dict]:
+    """Samples (``__key__``, ``jpg``, ``json`` ...) of one tar; reading stops at the first tar error."""
+
+    def handler(exn: Exception) -> bool:
+        reason, keep_going = _tar_reason(exn)
+        counter.add(reason, f"{path}: {exn!r}"[:300])
+        return keep_going
+
+    try:
+        f = open(path, "rb")  # noqa: SIM115 -- closed in finally; the generator may be abandoned
+    except OSError as exn:
+        counter.add("missing_shard", f"{path}: {exn!r}")
+        return
+    try:
+        yield from group_by_keys(
+            tar_file_expander([{"url": path, "stream": f}], handler=handler), handler=handler
+        )
+    finally:
+        f.close()
+
+
+class _Slot:
+    """Walks seeded shard draws, reading each drawn shard front to back in windows of raw samples."""
+
+    def __init__(
+        self, shards: Sequence[ShardRef], window: int, key: Sequence[int], counter: SkipCounter
+    ) -> None:
+        self.shards, self.window, self.key, self.counter = shards, window, list(key), counter
+        sizes = np.array([s.num_samples for s in shards], dtype=np.float64)
+        self.probs = sizes / sizes.sum()
+        self.n_windows = [-(-s.num_samples // window) for s in shards]
+        self._blocks: dict[int, np.ndarray] = {}
+        self._walk = (0, 0)  # (draw d, first chunk of draw d)
+        self._reader: Iterator[dict] | None = None
+        self._reader_at: tuple[int, int] | None = None  # (draw, raw offset) the reader is positioned at
+
+    def _draw(self, d: int) -> int:
+        block = d // _DRAW_BLOCK
+        if block not in self._blocks:
+            rng = np.random.default_rng([*self.key, block])
+            self._blocks = {block: rng.choice(len(self.shards), size=_DRAW_BLOCK, p=self.probs)}
+        return int(self._blocks[block][d % _DRAW_BLOCK])
+
+    def _locate(self, chunk: int) -> tuple[int, int]:
+        """(draw, raw sample offset in that draw's shard) of window ``chunk``; pure arithmetic."""
+        d, first = self._walk if chunk >= self._walk[1] else (0, 0)
+        while chunk >= first + self.n_windows[self._draw(d)]:
+            first += self.n_windows[self._draw(d)]
+            d += 1
+        self._walk = (d, first)
+        return d, (chunk - first) * self.window
+
+    def read(self, chunk: int) -> list[dict]:
+        d, start = self._locate(chunk)
+        shard = self.shards[self._draw(d)]
+        if self._reader_at != (d, start):
+            self._reader = iter_shard(shard.path, self.counter)
+            for _ in zip(range(start), self._reader, strict=False):  # resume: skip to the offset
+                pass
+        n = min(self.window, shard.num_samples - start)
+        out = [s for _, s in zip(range(n), self._reader, strict=False)]
+        self._reader_at = (d, start + self.window)
+        if shard.keep is not None:
+            out = [s for s in out if _slide_id(s) in shard.keep]
+        return out
+
+
+def _slide_id(sample: dict) -> str | None:
+    """Slide of a sample: the json's ``slide_id``, else the key ``{slide_id}_{level}_{x}_{y}``."""
+    try:
+        return str(json.loads(sample["json"])["slide_id"])
+    except (KeyError, ValueError, TypeError):
+        parts = sample.get("__key__", "").rsplit("_", 3)
+        return parts[0] if len(parts) == 4 else None
+
+
+class TileStream:
+    """Decoded tiles of one stream, each with the position *after* it: ``(tile, chunk, next_index)``."""
+
+    def __init__(
+        self,
+        shards: Sequence[ShardRef],
+        seed: int,
+        rank: int,
+        stream_id: int,
+        shards_per_chunk: int,
+        window: int,
+        counter: SkipCounter,
+    ) -> None:
+        if not shards:
+            raise ValueError("TileStream needs at least one shard")
+        self.key = (seed, rank, stream_id)
+        self.counter = counter
+        self.slots = [
+            _Slot(shards, window, (seed, TAG_DRAW, rank, stream_id, j), counter)
+            for j in range(shards_per_chunk)
+        ]
+
+    def chunk(self, c: int) -> list[dict]:
+        """The raw samples of chunk c in stream order."""
+        items = [s for slot in self.slots for s in slot.read(c)]
+        seed, rank, stream_id = self.key
+        perm = np.random.default_rng([seed, TAG_PERM, rank, stream_id, c]).permutation(len(items))
+        return [items[i] for i in perm]
+
+    def tiles(self, chunk: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, int, int]]:
+        empty = 0
+        while True:
+            items = self.chunk(chunk)
+            served = False
+            for i in range(index, len(items)):
+                tile = self._decode(items[i])
+                if tile is not None:
+                    served = True
+                    yield tile, chunk, i + 1
+            empty = 0 if served or index > 0 else empty + 1
+            if empty >= _MAX_EMPTY_CHUNKS:
+                raise RuntimeError(
+                    f"stream {self.key}: {empty} chunks in a row had no decodable tile; skipped so far: "
+                    f"{dict(self.counter.counts)}"
+                )
+            chunk, index = chunk + 1, 0
+
+    def _decode(self, sample: dict) -> torch.Tensor | None:
+        data = sample.get("jpg", sample.get("jpeg"))
+        if data is None:
+            self.counter.add("missing_jpg", f"sample {sample.get('__key__')} in {sample.get('__url__')}")
+            return None
+        try:
+            return decode_tile(data)
+        except DecodeError as exn:
+            self.counter.add(exn.reason, f"sample {sample.get('__key__')} in {sample.get('__url__')}: {exn}")
+            return None
+
+
+class MultiCropStream(torch.utils.data.IterableDataset):
+    """IterableDataset of ready batches: each DataLoader worker serves one stream.
+
+    Worker w serves stream ``(w + stream_offset) % num_streams``; after K consumed batches a resumed
+    loader passes ``stream_offset = K % num_streams`` so batch order is unchanged (the DataLoader asks
+    worker k % W for batch k). Each batch carries ``_cursor = [stream, chunk, index, next_batch]``.
+
+    Args:
+        make_batch: ``(tiles, rng) -> dict``, the augmentation + masking + collate step.
+        cursors: stream -> (chunk, index, batch index) to resume from; missing streams start at 0.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardRef],
+        make_batch: Callable[[list[torch.Tensor], np.random.Generator], dict],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        num_streams: int,
+        stream_offset: int = 0,
+        cursors: dict[int, tuple[int, int, int]] | None = None,
+        shards_per_chunk: int = 4,
+        window: int = 256,
+    ) -> None:
+        super().__init__()
+        self.shards, self.make_batch, self.batch_size = list(shards), make_batch, batch_size
+        self.seed, self.rank, self.num_streams, self.stream_offset = seed, rank, num_streams, stream_offset
+        self.cursors = dict(cursors or {})
+        self.shards_per_chunk, self.window = shards_per_chunk, window
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if n_workers != self.num_streams:
+            raise RuntimeError(f"dataset built for {self.num_streams} streams but run by {n_workers} workers")
+        stream_id = (worker + self.stream_offset) % self.num_streams
+        start_chunk, start_index, batch_index = self.cursors.get(stream_id, (0, 0, 0))
+        counter = SkipCounter()
+        stream = TileStream(
+            self.shards, self.seed, self.rank, stream_id, self.shards_per_chunk, self.window, counter
+        )
+        tiles: list[torch.Tensor] = []
+        for tile, chunk, index in stream.tiles(start_chunk, start_index):
+            tiles.append(tile)
+            if len(tiles) < self.batch_size:
+                continue
+            rng = np.random.default_rng([self.seed, TAG_AUG, self.rank, stream_id, batch_index])
+            batch = self.make_batch(tiles, rng)
+            batch_index += 1
+            batch["_cursor"] = torch.tensor([stream_id, chunk, index, batch_index])
+            batch["data_stats"] = {"samples": batch_index * self.batch_size, **counter.counts}
+            tiles = []
+            yield batch
