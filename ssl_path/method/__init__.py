@@ -6,6 +6,7 @@ from ssl_path.method.module import DINOv2Module, NonFiniteLossError, build_sched
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.param_groups import param_groups
 from ssl_path.method.schedules import Schedules, ScheduleValues
+from ssl_path.method.synthetic import synthetic_batch
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -20,4 +21,5 @@ __all__ = [
     "build_schedules",
     "ema_update",
     "param_groups",
+    "synthetic_batch",
 ]

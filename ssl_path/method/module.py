@@ -144,9 +144,7 @@ class DINOv2Module(L.LightningModule):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         world = self.trainer.world_size * self.trainer.accumulate_grad_batches
-        self.schedules = build_schedules(
-            self.optim, self.teacher_schedule, self.batch_size * world, self.total_steps
-        )
+        self.set_global_batch_size(self.batch_size * world)
 
     def configure_model(self) -> None:
         if self.compile_blocks:
@@ -231,8 +229,16 @@ class DINOv2Module(L.LightningModule):
     # ------------------------------------------------------------------ the step
     def schedule_at(self, step: int) -> ScheduleValues:
         if self.schedules is None:
-            raise RuntimeError("schedules are built in setup(); call module.setup_schedules(...) first")
+            raise RuntimeError(
+                "schedules are built in setup(); without a Trainer call set_global_batch_size()"
+            )
         return self.schedules.at(step)
+
+    def set_global_batch_size(self, global_batch_size: int) -> None:
+        """Build the schedules (peak lr scaled to the global batch); ``setup`` does this under a Trainer."""
+        self.schedules = build_schedules(
+            self.optim, self.teacher_schedule, global_batch_size, self.total_steps
+        )
 
     def apply_optimizer_schedule(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
         """Write the scheduled lr and weight decay into every param group (times its multipliers)."""
@@ -283,21 +289,62 @@ class DINOv2Module(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.schedule_at(self.global_step).last_layer_frozen:
-            for group in optimizer.param_groups:
-                if group["is_last_layer"]:
-                    for p in group["params"]:
-                        p.grad = None  # AdamW skips it: no update, no moment accumulation
+            self._drop_last_layer_grads(optimizer)
+
+    @staticmethod
+    def _drop_last_layer_grads(optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            if group["is_last_layer"]:
+                for p in group["params"]:
+                    p.grad = None  # AdamW skips it: no update, no moment accumulation
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
+        norm = self.clip_gradients_(optimizer)
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def clip_gradients_(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Global-norm clipping to ``optim.clip_grad`` (0 = none); returns the norm before clipping."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
-            return
+            return None
         max_norm = self.optim.clip_grad if self.optim.clip_grad > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def manual_step(
+        self,
+        batch: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One full training step without a Trainer (benchmarks): the same pieces as the Lightning path.
+
+        Schedules at ``step`` -> teacher/student forward (under autocast if given) -> backward ->
+        last-layer freeze -> clip -> optimiser step -> EMA. Returns the detached loss terms.
+        """
+        values = self.schedule_at(step)
+        self.apply_optimizer_schedule(optimizer, values)
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            teacher = self.teacher_output(batch, values.teacher_temp)
+            student = self.student_output(batch)
+            losses = self.compute_losses(student, teacher, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if values.last_layer_frozen:
+            self._drop_last_layer_grads(optimizer)
+        grad_norm = self.clip_gradients_(optimizer)
+        optimizer.step()
+        ema_update(self.teacher, self.student, values.momentum)
+        if self.centering == "softmax":
+            self.dino_center.update(teacher["cls_logits"], self.center_momentum)
+            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum)
+        out = {k: v.detach() for k, v in losses.items()}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.detach()
+        return out
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""

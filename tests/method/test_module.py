@@ -1,0 +1,152 @@
+"""DINOv2Module under a real Lightning Trainer on synthetic batches (real data: tests/test_train.py)."""
+
+import copy
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ssl_path.method import DINOv2Module, NonFiniteLossError, OptimConfig, synthetic_batch
+from ssl_path.models import DINOHead, create_backbone
+
+B = 2
+
+
+def _module(**overrides) -> DINOv2Module:
+    torch.manual_seed(0)
+    kwargs = dict(
+        backbone=functools.partial(
+            create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.1, reg_tokens=0
+        ),
+        head=functools.partial(DINOHead, out_dim=32, hidden_dim=32, bottleneck_dim=16, nlayers=2),
+        optim=OptimConfig(lr=0.05, warmup_steps=1, layer_decay=0.9),
+        batch_size=B,
+        total_steps=4,
+        teacher_temp_warmup_steps=2,
+        freeze_last_layer_steps=2,
+        momentum_teacher=0.9,
+        momentum_teacher_end=0.9,
+    )
+    kwargs.update(overrides)
+    return DINOv2Module(**kwargs)
+
+
+def _loader(n: int, poison: set[int] = frozenset()) -> DataLoader:
+    batches = []
+    for i in range(n):
+        b = synthetic_batch(B, 2, 2, 32, 16, patch_size=16, mask_probability=0.5, seed=i)
+        if i in poison:
+            b["global_crops"][0, 0, 0, 0] = float("nan")
+        batches.append(b)
+    return DataLoader(batches, batch_size=None, collate_fn=lambda x: x)
+
+
+def _trainer(max_steps: int, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
+
+
+class _Recorder(L.Callback):
+    """Student parameters after every optimiser step, to recompute the EMA by hand."""
+
+    def __init__(self):
+        self.students = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.students.append({n: p.detach().clone() for n, p in module.student.named_parameters()})
+
+
+def test_teacher_is_exact_ema_once_per_optimizer_step_with_accumulation():
+    module = _module()
+    teacher0 = {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
+    last0 = module.student["dino_head"].last_layer.parametrizations.weight.original1.detach().clone()
+    rec = _Recorder()
+    _trainer(3, accumulate_grad_batches=2, callbacks=[rec]).fit(module, _loader(6))
+    assert len(rec.students) == 3  # 6 micro-batches, 3 optimiser steps
+    expected = teacher0
+    for s in rec.students:
+        expected = {n: 0.9 * t + 0.1 * s[n] for n, t in expected.items()}
+    for n, t in module.teacher.named_parameters():
+        torch.testing.assert_close(t, expected[n], rtol=1e-6, atol=1e-7)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training and module.student.training
+    # prototypes frozen for the first 2 steps, trained in the 3rd
+    last = [s["dino_head.last_layer.parametrizations.weight.original1"] for s in rec.students]
+    assert torch.equal(last[0], last0) and torch.equal(last[1], last0) and not torch.equal(last[2], last0)
+
+
+def test_schedules_reach_optimizer_and_logs():
+    module = _module()
+    trainer = _trainer(2)
+    trainer.fit(module, _loader(2))
+    metrics = trainer.callback_metrics
+    for key in [
+        "loss/total",
+        "loss/dino",
+        "loss/ibot",
+        "loss/koleo",
+        "train/lr",
+        "train/teacher_temp",
+        "train/momentum",
+        "train/weight_decay",
+        "train/grad_norm",
+        "perf/images_per_s",
+    ]:
+        assert key in metrics, key
+        assert torch.isfinite(metrics[key]), key
+    values = module.schedule_at(1)  # the last step that ran
+    opt = trainer.optimizers[0]
+    for group in opt.param_groups:
+        assert group["lr"] == pytest.approx(values.lr * group["lr_mult"])
+        assert group["weight_decay"] == pytest.approx(values.weight_decay * group["wd_mult"])
+    assert metrics["train/teacher_temp"].item() == pytest.approx(
+        0.055
+    )  # 0.04 -> 0.07 over 2 steps, at step 1
+
+
+def test_nonfinite_steps_are_skipped_then_raise():
+    module = _module(max_nonfinite_steps=2)
+    trainer = _trainer(3)
+    student_before = copy.deepcopy(module.student.state_dict())
+    trainer.fit(module, _loader(3, poison={0}))
+    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+    assert trainer.callback_metrics["train/nonfinite_steps"].item() == 1
+    assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in student_before.items())
+
+    module = _module(max_nonfinite_steps=2)
+    with pytest.raises(NonFiniteLossError, match="non-finite for 2 consecutive steps.*max_nonfinite_steps=2"):
+        _trainer(4).fit(module, _loader(4, poison={1, 2}))
+
+
+def test_skipped_step_leaves_weights_untouched():
+    module = _module()
+    before_s = copy.deepcopy(module.student.state_dict())
+    before_t = copy.deepcopy(module.teacher.state_dict())
+    _trainer(1).fit(module, _loader(1, poison={0}))
+    assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in before_s.items())
+    assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in before_t.items())
+
+
+def test_manual_step_without_trainer_and_softmax_centering():
+    module = _module(centering="softmax")
+    module.set_global_batch_size(B)
+    opt = module.configure_optimizers()
+    batch = synthetic_batch(B, 2, 2, 32, 16, patch_size=16)
+    center0 = module.dino_center.center.clone()
+    out = module.manual_step(batch, opt, step=0)
+    assert {"total", "dino", "ibot", "koleo", "grad_norm"} <= set(out)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert not torch.equal(center0, module.dino_center.center)
+    assert "dino_center.center" in module.state_dict()
