@@ -14,6 +14,7 @@ import json
 import logging
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,16 +95,46 @@ def _find_backbone_cfg(obj: Any, depth: int = 0) -> Mapping | None:
     return None
 
 
+def _saved_configs(ckpt: Mapping) -> list[Any]:
+    """Where a checkpoint may hold its run config: ``config`` (ssl-path-train), then hyper-parameters."""
+    return [_as_container(ckpt.get(key)) for key in ("config", "hyper_parameters", "cfg")]
+
+
 def spec_from_checkpoint(ckpt: Mapping) -> dict[str, Any]:
-    """The backbone spec saved in a Lightning checkpoint (``hyper_parameters`` or a ``config`` entry)."""
-    for key in ("hyper_parameters", "config", "cfg"):
-        found = _find_backbone_cfg(ckpt.get(key))
+    """The backbone spec saved in a Lightning checkpoint: ``config.model.backbone``, else any
+    ``backbone`` mapping with a preset ``name`` found in the saved configs."""
+    for saved in _saved_configs(ckpt):
+        model = saved.get("model") if isinstance(saved, Mapping) else None
+        found = _find_backbone_cfg(model) or _find_backbone_cfg(saved)
         if found is not None:
             return backbone_spec(found)
     raise ValueError(
-        "the checkpoint holds no model config (hyper_parameters/config with model.backbone.name); "
+        "the checkpoint holds no model config (config/hyper_parameters with model.backbone.name); "
         "pass model=<preset> to say which architecture it is"
     )
+
+
+def _find_mean_std(obj: Any, depth: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if depth > 6 or not isinstance(obj, Mapping):
+        return None
+    mean, std = obj.get("mean"), obj.get("std")
+    if isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    for value in obj.values():
+        found = _find_mean_std(value, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def normalisation_from_checkpoint(ckpt: Mapping) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` of the training augmentation recorded in the checkpoint's ``data`` config."""
+    for saved in _saved_configs(ckpt):
+        if isinstance(saved, Mapping) and isinstance(saved.get("data"), Mapping):
+            found = _find_mean_std(saved["data"])
+            if found is not None:
+                return found
+    return None
 
 
 def teacher_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
@@ -136,25 +167,41 @@ def exported_config(path: Path) -> dict[str, Any]:
     return json.loads(cfg_path.read_text())
 
 
-def resolve_checkpoint(
-    checkpoint: str | Path | None, model: str | Mapping | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | Path | None]:
-    """``(create_backbone spec, weights)``; weights are a ``Backbone`` state dict (from a Lightning
-    checkpoint, read once), the path of an exported safetensors file, or ``None`` (random init)."""
+@dataclass(frozen=True)
+class ResolvedBackbone:
+    """What a checkpoint (or preset) says about the backbone to evaluate.
+
+    ``weights``: a ``Backbone`` state dict (Lightning checkpoint, read once), the path of an
+    exported safetensors file, or ``None`` (random init). ``normalisation``: the training
+    ``(mean, std)`` recorded with the weights, if any.
+    """
+
+    spec: dict[str, Any]
+    weights: dict[str, torch.Tensor] | Path | None
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, model: str | Mapping | None) -> ResolvedBackbone:
+    """Read ``checkpoint`` once; ``model`` (preset name or model config) overrides its architecture."""
     if checkpoint is None and model is None:
         raise ValueError("give a checkpoint, a model preset, or both")
     spec = None
     if model is not None:
         spec = complete_spec({"name": model}) if isinstance(model, str) else backbone_spec(model)
     if checkpoint is None:
-        return spec, None
+        return ResolvedBackbone(spec, None, None)
     path = Path(checkpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"exported backbone {path} does not exist")
-        return spec or backbone_spec(exported_config(path)["ssl_path"]["backbone"]), path
+        cfg = exported_config(path)
+        pre = cfg.get("pretrained_cfg", {})
+        norm = (tuple(pre["mean"]), tuple(pre["std"])) if "mean" in pre and "std" in pre else None
+        return ResolvedBackbone(spec or backbone_spec(cfg["ssl_path"]["backbone"]), path, norm)
     ckpt = read_checkpoint(path)
-    return spec or spec_from_checkpoint(ckpt), teacher_state_dict(ckpt)
+    return ResolvedBackbone(
+        spec or spec_from_checkpoint(ckpt), teacher_state_dict(ckpt), normalisation_from_checkpoint(ckpt)
+    )
 
 
 def load_weights(backbone: Backbone, weights: Mapping[str, torch.Tensor] | Path) -> Backbone:
@@ -182,8 +229,8 @@ def load_backbone(
             otherwise it overrides the architecture recorded in the checkpoint.
         seed: initialisation seed (random init only; loaded weights overwrite everything else).
     """
-    spec, weights = resolve_checkpoint(checkpoint, model)
-    backbone = build_backbone(spec, seed)
-    if weights is not None:
-        load_weights(backbone, weights)
+    resolved = resolve_checkpoint(checkpoint, model)
+    backbone = build_backbone(resolved.spec, seed)
+    if resolved.weights is not None:
+        load_weights(backbone, resolved.weights)
     return backbone.eval()

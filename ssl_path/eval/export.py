@@ -136,22 +136,25 @@ def export_backbone(
     checkpoint: str | Path | None,
     out_dir: str | Path,
     model: str | Mapping | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     crop_pct: float = 1.0,
     interpolation: str = "bicubic",
 ) -> Path:
     """Teacher backbone of ``checkpoint`` (or a random init of ``model``) -> ``out_dir/model.safetensors``.
 
-    ``mean``/``std`` must be the training normalisation: they go into the timm ``pretrained_cfg``
-    that ``timm.data.resolve_data_config`` hands to downstream users.
+    ``mean``/``std`` go into the timm ``pretrained_cfg`` that ``timm.data.resolve_data_config``
+    hands to downstream users; ``None`` takes the training normalisation recorded in the
+    checkpoint (ImageNet statistics if it records none).
     """
-    spec, weights = resolve_checkpoint(checkpoint, model)
-    backbone = build_backbone(spec)
-    if weights is not None:
-        load_weights(backbone, weights)
+    resolved = resolve_checkpoint(checkpoint, model)
+    backbone = build_backbone(resolved.spec)
+    if resolved.weights is not None:
+        load_weights(backbone, resolved.weights)
+    if mean is None or std is None:
+        mean, std = resolved.normalisation or (IMAGENET_MEAN, IMAGENET_STD)
     source = str(checkpoint) if checkpoint is not None else None
-    config = timm_config(backbone, spec, mean, std, crop_pct, interpolation, source)
+    config = timm_config(backbone, resolved.spec, mean, std, crop_pct, interpolation, source)
     return write_export(backbone, config, out_dir)
 
 

@@ -7,8 +7,9 @@ import torch
 from ssl_path.models import create_backbone
 
 
-def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, **kwargs):
-    """Save a dict in the trainer's layout: student/teacher under state_dict, config in hyper_parameters."""
+def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, mean=None, std=None, **kwargs):
+    """Save a dict in ssl-path-train's checkpoint layout (``DINOv2Module``): student/teacher
+    ``ModuleDict``s under ``state_dict``, the resolved run config under ``config``. Returns the teacher."""
     torch.manual_seed(123)
     teacher = create_backbone(name, **kwargs)
     student = create_backbone(name, **kwargs)
@@ -16,10 +17,16 @@ def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, **kwargs)
         teacher.mask_token.normal_()
     state = {f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
     state |= {f"student.backbone.{k}": v for k, v in student.state_dict().items()}
-    state["teacher.head.last_layer.weight"] = torch.zeros(4, 2)
-    ckpt = {"state_dict": state, "global_step": 3}
+    state["teacher.dino_head.last_layer.weight"] = torch.zeros(4, 2)
+    ckpt = {"state_dict": state, "global_step": 3, "hyper_parameters": {}}
     if with_config:
         backbone_cfg = {"_target_": "ssl_path.models.create_backbone", "_partial_": True, "name": name}
-        ckpt["hyper_parameters"] = {"config": {"model": {"backbone": backbone_cfg | kwargs, "head": {}}}}
+        config = {"seed": 0, "model": {"name": name, "backbone": backbone_cfg | kwargs, "head": {}}}
+        if mean is not None:
+            config["data"] = {
+                "_target_": "ssl_path.data.SSLDataModule",
+                "augmentation": {"mean": mean, "std": std},
+            }
+        ckpt["config"] = config
     torch.save(ckpt, path)
     return teacher

@@ -80,3 +80,13 @@ def test_swiglu_preset_needs_and_gets_its_mlp_class(tmp_path):
     with torch.no_grad():
         assert torch.equal(create_timm_model(path.parent)(x), teacher(x)["cls"])
         assert torch.equal(load_backbone(path)(x)["cls"], teacher(x)["cls"])
+
+
+def test_training_normalisation_travels_from_checkpoint_to_export(tmp_path):
+    fake_lightning_checkpoint(tmp_path / "n.ckpt", mean=list(MEAN), std=list(STD))
+    path = export_backbone(tmp_path / "n.ckpt", tmp_path / "out")  # mean/std not given: from the checkpoint
+    pre = json.loads((path.parent / "config.json").read_text())["pretrained_cfg"]
+    assert tuple(pre["mean"]) == MEAN and tuple(pre["std"]) == STD
+    path = export_backbone(None, tmp_path / "rand", model="vit_tiny")
+    pre = json.loads((path.parent / "config.json").read_text())["pretrained_cfg"]
+    assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)  # nothing recorded: ImageNet statistics
