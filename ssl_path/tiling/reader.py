@@ -68,10 +68,12 @@ def read_tiles(
     starts = np.flatnonzero(np.r_[True, np.diff(block_key[order]) != 0])
     for members in np.split(order, starts[1:]):
         rows, cols = index[members, 0], index[members, 1]
-        x0, y0 = int(grid.xs[cols.min()]), int(grid.ys[rows.min()])
-        lx0, ly0 = x0 / ds, y0 / ds
-        w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent - x0) / ds)) + 1, lw - int(lx0))
-        h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent - y0) / ds)) + 1, lh - int(ly0))
+        # Start the block on a whole pixel of the read level (openslide interpolates fractional starts),
+        # so each tile is resampled once, from its exact sub-pixel box.
+        x0 = int(round(np.floor(grid.xs[cols.min()] / ds) * ds))
+        y0 = int(round(np.floor(grid.ys[rows.min()] / ds) * ds))
+        w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent - x0) / ds)) + 1, lw - round(x0 / ds))
+        h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent - y0) / ds)) + 1, lh - round(y0 / ds))
         rgb = rgba_to_rgb_white(np.asarray(slide.read_region((x0, y0), level, (w, h))))
         block = None if crop else Image.fromarray(rgb)
         for k, r, c in zip(members, rows, cols, strict=True):
