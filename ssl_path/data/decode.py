@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ def decode_tile(data: bytes) -> torch.Tensor:
         raise DecodeError("non_jpeg", f"not a JPEG (starts with {data[:4]!r})")
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return decode_jpeg(buf, mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(buf, mode=ImageReadMode.RGB)
     except RuntimeError:
         pass
     try:

@@ -35,7 +35,7 @@ from ssl_path.data.manifest import ShardRef
 # Tags that separate the RNG streams derived from one seed.
 TAG_DRAW, TAG_PERM, TAG_AUG, TAG_RESEED = 1, 2, 3, 4
 _DRAW_BLOCK = 1024
-_MAX_EMPTY_CHUNKS = 64
+_MAX_FAILURES = 10_000
 
 
 class DataSkipWarning(RuntimeWarning):
@@ -173,23 +173,31 @@ class TileStream:
         perm = np.random.default_rng([seed, TAG_PERM, rank, stream_id, c]).permutation(len(items))
         return [items[i] for i in perm]
 
-    def tiles(self, chunk: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, int, int]]:
-        empty = 0
+    def samples(self, chunk: int = 0, index: int = 0) -> Iterator[tuple[dict, int, int]]:
+        """Raw samples from position (chunk, index) on, each with the position after it."""
         while True:
             items = self.chunk(chunk)
-            served = False
             for i in range(index, len(items)):
-                tile = self._decode(items[i])
-                if tile is not None:
-                    served = True
-                    yield tile, chunk, i + 1
-            empty = 0 if served or index > 0 else empty + 1
-            if empty >= _MAX_EMPTY_CHUNKS:
+                yield items[i], chunk, i + 1
+            if not items:
+                yield {}, chunk, 0  # an empty chunk: lets the caller notice a stream with nothing to read
+            chunk, index = chunk + 1, 0
+
+    def tiles(self, chunk: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """Decoded tiles (undecodable samples counted and skipped) with the position after each."""
+        failures = 0
+        for sample, chunk_, next_index in self.samples(chunk, index):
+            tile = self._decode(sample) if sample else None
+            if tile is not None:
+                failures = 0
+                yield tile, chunk_, next_index
+                continue
+            failures += 1
+            if failures >= _MAX_FAILURES:
                 raise RuntimeError(
-                    f"stream {self.key}: {empty} chunks in a row had no decodable tile; skipped so far: "
+                    f"stream {self.key}: {failures} samples/chunks in a row gave no tile; skipped so far: "
                     f"{dict(self.counter.counts)}"
                 )
-            chunk, index = chunk + 1, 0
 
     def _decode(self, sample: dict) -> torch.Tensor | None:
         data = sample.get("jpg", sample.get("jpeg"))

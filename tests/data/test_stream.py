@@ -1,0 +1,151 @@
+"""The stream on real shards: determinism, distinct rank/worker streams, corrupt input, resume."""
+
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_path.data import (
+    DataSkipWarning,
+    MultiCropConfig,
+    SkipCounter,
+    SSLDataModule,
+    TileStream,
+    load_manifest,
+    select_shards,
+    select_slides,
+)
+
+
+def _keys(
+    root: Path, seed: int, rank: int, stream: int, n: int, start: tuple[int, int] = (0, 0)
+) -> list[str]:
+    manifest = load_manifest(root)
+    shards = select_shards(manifest, root, select_slides(manifest, 1.0))
+    ts = TileStream(shards, seed, rank, stream, shards_per_chunk=2, window=5, counter=SkipCounter())
+    return [s["__key__"] for s, _, _ in islice(ts.samples(*start), n)]
+
+
+def test_stream_is_deterministic_and_covers_both_slides(tiled_root: Path) -> None:
+    a = _keys(tiled_root, seed=0, rank=0, stream=0, n=60)
+    assert a == _keys(tiled_root, seed=0, rank=0, stream=0, n=60)
+    slides = {k.rsplit("_", 3)[0] for k in a}
+    assert slides == {"CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1"}
+    assert len(set(a)) > 30  # resampled, but not stuck on a few samples
+
+
+def test_ranks_workers_and_seeds_draw_different_streams(tiled_root: Path) -> None:
+    base = _keys(tiled_root, 0, 0, 0, 40)
+    for seed, rank, stream in ((0, 1, 0), (0, 0, 1), (1, 0, 0)):
+        other = _keys(tiled_root, seed, rank, stream, 40)
+        assert other != base, (seed, rank, stream)
+        assert sum(a == b for a, b in zip(base, other, strict=True)) < 10
+
+
+def test_stream_position_is_a_pure_function(tiled_root: Path) -> None:
+    """Starting a fresh stream at (chunk, index) gives the same samples as reading up to there."""
+    manifest = load_manifest(tiled_root)
+    shards = select_shards(manifest, tiled_root, select_slides(manifest, 1.0))
+    ts = TileStream(shards, 3, 1, 2, shards_per_chunk=2, window=5, counter=SkipCounter())
+    full = list(islice(ts.samples(), 80))
+    _, chunk, index = full[36]
+    resumed = _keys(tiled_root, 3, 1, 2, 43, start=(chunk, index))
+    assert resumed == [s["__key__"] for s, _, _ in full[37:]]
+
+
+def test_tier_filter_reads_only_tier_slides(tiled_root: Path) -> None:
+    manifest = load_manifest(tiled_root)
+    one = select_slides(manifest, 1)
+    shards = select_shards(manifest, tiled_root, one)
+    assert shards and all(s.keep is None for s in shards)  # the tiler writes one slide group per shard
+    ts = TileStream(shards, 0, 0, 0, shards_per_chunk=2, window=4, counter=SkipCounter())
+    assert {s["__key__"].rsplit("_", 3)[0] for s, _, _ in islice(ts.samples(), 40)} == set(one)
+
+
+def test_corrupt_inputs_are_counted_and_skipped(corrupt_root: Path) -> None:
+    manifest = load_manifest(corrupt_root)
+    bad = [s for s in select_shards(manifest, corrupt_root, select_slides(manifest, 1.0)) if "bad-" in s.path]
+    assert len(bad) == 4
+    counter = SkipCounter()
+    ts = TileStream(bad, 0, 0, 0, shards_per_chunk=4, window=8, counter=counter)
+    with pytest.warns(DataSkipWarning) as record:
+        tiles = [t for t, _, _ in islice(ts.tiles(), 40)]
+    assert all(t.dtype == torch.uint8 and t.shape == (3, 224, 224) for t in tiles)
+    for reason in ("truncated_tar", "non_jpeg", "bad_jpeg", "missing_jpg"):
+        assert counter.counts[reason] > 0, (reason, counter.counts)
+    messages = [str(w.message) for w in record if issubclass(w.category, DataSkipWarning)]
+    assert len(messages) == len(counter.counts)  # one warning per reason, however many skips
+
+
+def test_datamodule_batches_with_corrupt_shards(corrupt_root: Path) -> None:
+    dm = SSLDataModule(
+        str(corrupt_root),
+        batch_size=4,
+        num_workers=0,
+        augmentation=MultiCropConfig(n_local_crops=2),
+        shards_per_chunk=4,
+        window=8,
+        pin_memory=False,
+    )
+    dm.setup("fit")
+    stats = {}
+    with pytest.warns(DataSkipWarning):
+        for batch in islice(dm.train_dataloader(), 12):
+            batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
+            assert batch["global_crops"].shape == (8, 3, 224, 224)
+            assert torch.isfinite(batch["global_crops"]).all()
+            stats = batch["data_stats"]
+    assert stats["samples"] == 48
+    assert sum(v for k, v in stats.items() if k != "samples") > 0
+
+
+def _fingerprints(dm: SSLDataModule, n: int) -> list[torch.Tensor]:
+    out = []
+    for batch in islice(dm.train_dataloader(), n):
+        batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
+        out.append(torch.cat([batch["global_crops"].flatten(1)[:, ::97], batch["masks"].float()], dim=1))
+    return out
+
+
+def _dm(root: Path, workers: int, seed: int = 0) -> SSLDataModule:
+    dm = SSLDataModule(
+        str(root),
+        batch_size=3,
+        num_workers=workers,
+        seed=seed,
+        augmentation=MultiCropConfig(n_local_crops=1),
+        shards_per_chunk=2,
+        window=4,
+        pin_memory=False,
+        prefetch_factor=1,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_resume_continues_the_identical_batch_sequence(tiled_root: Path) -> None:
+    """Stop after k batches, save state, new loader: the next batches equal an uninterrupted run's."""
+    full = _fingerprints(_dm(tiled_root, workers=2), 9)
+    first = _dm(tiled_root, workers=2)
+    _fingerprints(first, 5)  # k = 5: odd, so the resumed loader must rotate the workers' streams
+    state = first.state_dict()
+    assert state["consumed"] == 5
+    resumed = _dm(tiled_root, workers=2)
+    resumed.load_state_dict(state)
+    after = _fingerprints(resumed, 4)
+    for a, b in zip(full[5:], after, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(full[0], full[1])
+
+
+def test_resume_with_other_worker_count_warns_and_reseeds(tiled_root: Path) -> None:
+    first = _dm(tiled_root, workers=0)
+    seen = _fingerprints(first, 3)
+    resumed = _dm(tiled_root, workers=2)
+    with pytest.warns(RuntimeWarning, match="streams"):
+        resumed.load_state_dict(first.state_dict())
+    fresh = _fingerprints(resumed, 2)
+    assert not any(torch.equal(a, b) for a in seen for b in fresh)
