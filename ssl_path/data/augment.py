@@ -336,7 +336,7 @@ class MultiCropAugmentation:
 
     def __call__(self, tile) -> dict[str, torch.Tensor]:
         if not isinstance(tile, torch.Tensor):
-            tile = torch.from_numpy(np.asarray(tile.convert("RGB"))).permute(2, 0, 1).contiguous()
+            tile = torch.from_numpy(np.array(tile.convert("RGB"))).permute(2, 0, 1).contiguous()
         hw = np.array([[tile.shape[1], tile.shape[2]]])
         params = sample_params(self.rng, self.cfg, hw)
         out = {"global_crops": crops_cpu([tile], params["global"], self.cfg.global_crop_size, self.cfg)}
