@@ -52,13 +52,22 @@ class DINOHead(nn.Module):
             if i < nlayers - 1:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        self.mlp.apply(_init_linear)
-        # Prototype layer keeps nn.Linear's default init (as the references do), then g := 1, frozen.
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        g = self.last_layer.parametrizations.weight.original0
-        with torch.no_grad():
-            g.fill_(1.0)
-        g.requires_grad_(False)
+        self.last_layer.parametrizations.weight.original0.requires_grad_(False)  # g is fixed to 1
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every tensor (also after building on ``meta`` and ``to_empty``).
+
+        MLP: truncated normal, zero bias. Prototypes: nn.Linear's default init of the direction ``v``
+        (as the references), norm ``g`` := 1.
+        """
+        self.mlp.apply(_init_linear)
+        weight = self.last_layer.parametrizations.weight
+        v = weight.original1
+        nn.init.kaiming_uniform_(v, a=5**0.5)  # nn.Linear.reset_parameters
+        weight.original0.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

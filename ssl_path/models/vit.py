@@ -132,6 +132,15 @@ class Backbone(nn.Module):
         n_prefix = vit.num_prefix_tokens
         return {"cls": tokens[:, 0], "reg": tokens[:, 1:n_prefix], "patch": tokens[:, n_prefix:]}
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every tensor, e.g. after building on ``meta`` and ``to_empty`` (DINOv3 style).
+
+        timm's own scheme (reset + trunc-normal, LayerScale to ``init_values``) and a zero mask token.
+        """
+        self.vit.init_weights(needs_reset=True)
+        self.mask_token.zero_()
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names (of this module) exempt from weight decay: timm's set plus the mask token."""

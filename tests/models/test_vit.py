@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from timm.layers import DropPath
 from timm.models import group_parameters
 
-from ssl_path.models import create_backbone, export_filter, list_backbones
+from ssl_path.models import DINOHead, create_backbone, export_filter, list_backbones
 
 PRESETS = [
     "vit_tiny",
@@ -181,3 +181,21 @@ def test_pretrained_path_round_trip_and_strict_keys(tiny, tmp_path):
         create_backbone("vit_tiny", reg_tokens=0, pretrained_path=str(path))
     with pytest.raises(FileNotFoundError):
         create_backbone("vit_tiny", pretrained_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_meta_build_then_init_weights_fills_every_tensor():
+    """DINOv3's check: build on meta, allocate with NaN, init; anything left uninitialised shows."""
+    with torch.device("meta"):
+        bb = create_backbone("vit_tiny")
+        head = DINOHead(bb.embed_dim, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    for module in (bb, head):
+        module.to_empty(device="cpu")
+        for t in list(module.parameters()) + list(module.buffers()):
+            torch.nn.init.constant_(t, float("nan"))
+        module.init_weights()
+        assert all(torch.isfinite(t).all() for t in module.state_dict().values())
+    assert torch.all(bb.mask_token == 0)
+    assert torch.allclose(bb.vit.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
+    assert torch.all(head.last_layer.parametrizations.weight.original0 == 1)
+    out = head(bb(torch.randn(1, 3, 64, 64))["cls"])
+    assert torch.isfinite(out).all()
