@@ -104,7 +104,7 @@ class PeriodicCheckpoint(L.Callback):
             self._save_last(trainer)
 
     def _save_last(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         self._last_saved_step = trainer.global_step
 
     def _save_snapshot(self, trainer: L.Trainer, step: int, linked: bool) -> None:
@@ -115,7 +115,7 @@ class PeriodicCheckpoint(L.Callback):
                 target.unlink(missing_ok=True)
                 os.link(self.last_path, target)
         else:
-            trainer.save_checkpoint(target)
+            trainer.save_checkpoint(target, weights_only=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {"every_n_steps": self.every_n_steps, "keep_every_n_steps": self.keep_every_n_steps}

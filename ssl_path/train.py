@@ -1,0 +1,135 @@
+"""``ssl-path-train``: DINOv2 pretraining, one hydra app (``configs/train.yaml``).
+
+``run(cfg)`` validates the config, builds data module, LightningModule, loggers, callbacks and
+Trainer from it, resumes from ``<run_dir>/checkpoints/last.ckpt`` when it exists (so re-running the
+same command, or a requeued job, continues the run exactly) and fits. ``main`` only calls ``run``.
+
+    ssl-path-train experiment=smoke                      # tiny ViT on the bundled slides, CPU
+    ssl-path-train experiment=smoke hydra.run.dir=/tmp/r trainer.max_steps=20
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_path.config_validation import validate_config
+from ssl_path.method import AtomicCheckpointIO, DINOv2Module, GracefulStop, PeriodicCheckpoint
+
+log = logging.getLogger(__name__)
+
+# plain top-level keys of configs/train.yaml and their types (groups are checked via their _target_)
+TOP_LEVEL = {
+    "experiment_name": str,
+    "seed": int,
+    "resume": bool,
+    "ckpt_path": str | None,
+    "float32_matmul_precision": str,
+}
+# parameters that run() passes itself, by config node
+INJECTED = {
+    "method": {"backbone", "head", "optim"},
+    "trainer": {"callbacks", "logger", "plugins"},
+}
+
+
+def build_module(cfg: DictConfig) -> DINOv2Module:
+    """The LightningModule from ``cfg.method`` with ``cfg.model`` factories and ``cfg.optim``."""
+    make = instantiate(cfg.method, _partial_=True)
+    return make(
+        backbone=instantiate(cfg.model.backbone),
+        head=instantiate(cfg.model.head),
+        optim=instantiate(cfg.optim),
+    )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """CSV (always in the default group) and wandb; wandb's run id lives in the run dir so restarts append."""
+    loggers = []
+    for name, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        kwargs: dict[str, Any] = {}
+        if str(node._target_).endswith("WandbLogger") and node.get("id") is None:
+            kwargs["id"] = _persistent_id(run_dir / "wandb_id.txt")
+        loggers.append(instantiate(node, **kwargs))
+        log.info("logger %s -> %s", name, node._target_)
+    return loggers
+
+
+def _persistent_id(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
+    """``cfg.ckpt_path`` if set, else ``<run_dir>/checkpoints/last.ckpt`` if ``cfg.resume`` and it exists."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    last = checkpoint_dir / PeriodicCheckpoint.LAST
+    return str(last) if cfg.resume and last.is_file() else None
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    """The Trainer, atomic checkpoint writes; Lightning's SLURM requeue off (GracefulStop owns signals)."""
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns ``{"status", "global_step", "run_dir", "checkpoint", "metrics"}``."""
+    validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    trainer = build_trainer(cfg, callbacks, build_loggers(cfg, run_dir))
+    ckpt = resume_path(cfg, Path(_checkpoint_dir(callbacks, run_dir)))
+    log.info("run dir %s; %s", run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
+    # our checkpoints hold only tensors and plain types: resume with weights_only loading
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    stopped = any(isinstance(c, GracefulStop) and c.stopped for c in callbacks)
+    return {
+        "status": "stopped" if stopped else "finished",
+        "global_step": trainer.global_step,
+        "run_dir": str(run_dir),
+        "checkpoint": str(Path(_checkpoint_dir(callbacks, run_dir)) / PeriodicCheckpoint.LAST),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+    }
+
+
+def _checkpoint_dir(callbacks: list, run_dir: Path) -> str:
+    for c in callbacks:
+        if isinstance(c, PeriodicCheckpoint):
+            return str(c.dirpath)
+    return str(run_dir / "checkpoints")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

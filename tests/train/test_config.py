@@ -1,0 +1,66 @@
+"""The real config tree composes, validates before anything runs, and names the offending key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from ssl_path.config_validation import ConfigValidationError, validate_config
+from ssl_path.train import INJECTED, TOP_LEVEL, run
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _compose(overrides: list[str], hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+@pytest.mark.parametrize("overrides", [[], ["experiment=smoke"], ["trainer=ddp"], ["logger=csv"]])
+def test_configs_compose_and_validate(overrides, tmp_path):
+    cfg = _compose([*overrides, f"paths.output_dir={tmp_path}"])
+    validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    assert cfg.trainer.max_epochs == -1 and cfg.trainer.gradient_clip_val is None
+    assert cfg.trainer.enable_checkpointing is False
+
+
+def test_unknown_key_in_yaml_is_named_with_suggestion(tmp_path):
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}"])
+    with open_dict(cfg):
+        cfg.method.student_tmp = 0.2  # as if an experiment file had the typo
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    msg = str(err.value)
+    assert "method.student_tmp: not a parameter of ssl_path.method.DINOv2Module" in msg
+    assert "did you mean 'student_temp'?" in msg
+
+
+def test_wrong_type_and_missing_and_top_level(tmp_path):
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}", "optim.lr=fast", "seed=abc"])
+    with open_dict(cfg):
+        del cfg.method.batch_size
+        cfg.max_step = 3
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    msg = str(err.value)
+    assert "optim.lr: ssl_path.method.OptimConfig expects float, got 'fast'" in msg
+    assert "method.batch_size: missing, required by ssl_path.method.DINOv2Module" in msg
+    assert "seed: expected int, got 'abc'" in msg
+    assert "max_step: not a parameter of the top level of the config" in msg
+
+
+def test_cli_typo_fails_in_hydra_struct_mode():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        _compose(["trainer.max_stepz=5"])
+
+
+def test_run_fails_before_creating_anything(tmp_path):
+    out = tmp_path / "run"
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={out}", "data.root=/nonexistent"])
+    with open_dict(cfg):
+        cfg.trainer.max_stepz = 5
+    with pytest.raises(ConfigValidationError, match=r"trainer.max_stepz: .*did you mean 'max_steps'"):
+        run(cfg)
+    assert not out.exists()
