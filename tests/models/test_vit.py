@@ -173,6 +173,9 @@ def test_pretrained_path_round_trip_and_strict_keys(tiny, tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["cls"], tiny(x)["cls"])
+    # another storage size resamples the positional embedding (timm's checkpoint_filter_fn)
+    small = create_backbone("vit_tiny", img_size=112, pretrained_path=str(path))
+    assert small.vit.pos_embed.shape == (1, 49, 192)
     # our own Backbone state dict (torch format) also restores the mask token
     torch.save(tiny.state_dict(), tmp_path / "backbone.pt")
     again = create_backbone("vit_tiny", pretrained_path=str(tmp_path / "backbone.pt"))
