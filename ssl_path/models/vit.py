@@ -75,7 +75,7 @@ class Backbone(nn.Module):
         timm_arch: a timm model name that, with ``timm_kwargs``, rebuilds ``vit`` exactly.
         timm_kwargs: the full kwargs ``vit`` was built with.
 
-    Shapes: ``forward(x (B, 3, H, W), masks (B, N) bool | None)`` with ``N = (H // p) * (W // p)``
+    Shapes: ``forward(x (B, 3, H, W), masks (B, N) bool | None)`` with ``N = num_patches((H, W))``
     returns ``{"cls": (B, D), "patch": (B, N, D), "reg": (B, R, D)}`` after the final norm.
     """
 
