@@ -32,7 +32,8 @@ import yaml
 
 # Columns searched (in order) when --metric auto: downstream probes first, then the training loss.
 AUTO_METRICS = ("knn", "linear", "probe", "acc", "f1", "loss")
-# Known ViT shapes (embed_dim, depth, mlp_ratio) for the FLOP estimate when the run logs none.
+TOTAL_LOSS = ("loss/total", "train/loss", "loss", "train/total_loss", "train/loss/total")
+# ViT shapes (embed_dim, depth, mlp_ratio) for the closed-form estimate when ssl_path cannot build the model.
 VIT_SHAPES = {
     "vit_tiny": (192, 12, 4.0),
     "vit_s": (384, 12, 4.0),
@@ -52,6 +53,7 @@ class Run:
     choices: dict[str, str]
     config: dict
     metrics: dict[str, float] = field(default_factory=dict)
+    status: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -79,7 +81,9 @@ def read_run(run_dir: Path) -> Run:
     hydra_cfg = _load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
     choices = (hydra_cfg.get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
     config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
-    return Run(run_dir, overrides, dict(choices), config, read_metrics(run_dir))
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    return Run(run_dir, overrides, dict(choices), config, read_metrics(run_dir), status)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
@@ -133,21 +137,25 @@ def _get(config: dict, dotted: str) -> object:
 
 # ------------------------------------------------------------------------------------------- the grid
 def expected_grid(sweep_dir: Path, expect: Sequence[str] | None) -> list[dict[str, str]]:
-    """The jobs the sweep was meant to run: ``--expect`` overrides, else ``multirun.yaml``'s sweep.
+    """The jobs the sweep was meant to run: ``--expect`` overrides, else ``multirun.yaml``'s sweep
+    (the config's ``hydra.sweeper.params``, then the command line's overrides, which win).
 
     Only swept keys (values with a comma, or ranges) form the grid; fixed overrides are ignored.
     """
     if expect:
         items = list(expect)
     else:
-        saved = _load_yaml(sweep_dir / "multirun.yaml") or {}
-        items = list((saved.get("hydra", {}).get("overrides", {}) or {}).get("task", []) or [])
+        hydra_node = (_load_yaml(sweep_dir / "multirun.yaml") or {}).get("hydra", {}) or {}
+        params = (hydra_node.get("sweeper", {}) or {}).get("params", {}) or {}
+        items = [f"{k}={v}" for k, v in params.items()]
+        items += list((hydra_node.get("overrides", {}) or {}).get("task", []) or [])
     axes: dict[str, list[str]] = {}
     for item in items:
         if "=" not in item or item.startswith("~"):
             continue
         key, value = item.split("=", 1)
-        values = _sweep_values(value)
+        values = _sweep_values(str(value))
+        axes.pop(key.lstrip("+"), None)  # a later (command-line) value replaces the config's
         if len(values) > 1:
             axes[key.lstrip("+")] = values
     keys = list(axes)
@@ -207,47 +215,45 @@ def pick_metric(runs: list[Run], metric: str) -> str | None:
     columns = sorted({k for run in runs for k in run.metrics})
     for pattern in AUTO_METRICS:
         candidates = [c for c in columns if pattern in c.lower() and "step" not in c.lower()]
-        if pattern == "loss":
-            candidates = [c for c in candidates if c.lower().endswith(("/loss", "_loss", "loss"))]
-            total = [c for c in candidates if c.lower() in ("train/loss", "loss", "train/total_loss")]
+        if pattern == "loss":  # the total training loss if logged under a usual name
+            total = [c for c in candidates if c.lower() in TOTAL_LOSS]
             candidates = total or candidates
         if candidates:
             return candidates[0]
     return None
 
 
-def summarise(run: Run, metric: str | None, slides_total: int | None) -> Row:
+def summarise(run: Run, metric: str | None) -> Row:
     model = run.choices.get("model") or str(_get(run.config, "model.name") or run.overrides.get("model", "?"))
     tier = run.overrides.get("data.tier") or str(_get(run.config, "data.tier"))
     m = run.metrics
-    step = m.get("step")
-    images = _first(m, ("images_seen", "train/images_seen", "data/images_seen"))
-    if images is None and step is not None:
-        batch = _to_float(_get(run.config, "data.batch_size"))
+    # status.json (ssl_path's GracefulStop) has the exact final step; the CSV only the last logged one.
+    step = _to_float(run.status.get("global_step")) if run.status else m.get("step")
+    images = _first(m, ("images_seen", "train/images_seen"))
+    batch = _to_float(_get(run.config, "data.batch_size"))
+    if images is None and step is not None and batch:
         world = (_to_float(_get(run.config, "trainer.devices")) or 1) * (
             _to_float(_get(run.config, "trainer.num_nodes")) or 1
         )
-        images = step * batch * world if batch else None
+        images = step * batch * world
     slides = _first(m, ("num_slides", "data/num_slides", "train/num_slides"))
     if slides is None:
-        slides = _slides_from_tier(tier, slides_total)
-    params = _first(m, ("params", "model/params", "num_params"))
-    params_m = params / 1e6 if params else _params_estimate(model)
+        slides = _slides_from_tier(run, tier)
+    params, flops_per_image = model_costs(model, run.config)
     flops = _first(m, ("flops", "train/flops", "total_flops"))
-    if flops is None and images is not None:
-        flops = _flops_estimate(model, run.config, images)
+    if flops is None and images is not None and flops_per_image:
+        flops = flops_per_image * images
     value = m.get(metric) if metric else None
-    finished = value is not None and _reached_max_steps(run, step)
     return Row(
         model=model,
         tier=tier,
         num_slides=slides,
-        params_m=round(params_m, 3) if params_m else None,
+        params_m=round(params / 1e6, 3) if params else None,
         step=step,
         images_seen=images,
         pflops=round(flops / 1e15, 6) if flops else None,
         metric=value,
-        status="done" if finished else "incomplete",
+        status=_status(run, step, value),
         run_dir=str(run.run_dir),
     )
 
@@ -259,75 +265,95 @@ def _first(metrics: dict[str, float], keys: Sequence[str]) -> float | None:
     return None
 
 
-def _reached_max_steps(run: Run, step: float | None) -> bool:
+def _status(run: Run, step: float | None, value: float | None) -> str:
+    """done (trained to max_steps, metric found), stopped (graceful stop, will resume), incomplete."""
+    if run.status.get("status") == "stopped":
+        return "stopped"
+    if value is None:
+        return "incomplete"
+    if run.status.get("status") == "finished":
+        return "done"
     max_steps = _to_float(_get(run.config, "trainer.max_steps"))
     if max_steps is None or max_steps < 0 or step is None:
-        return True
-    # Lightning's CSVLogger logs the step of the last logged batch, which is max_steps - 1 at most.
-    return step >= max_steps - 1
+        return "done"
+    # Without status.json: the CSV's last logged step is at most max_steps - 1.
+    return "done" if step >= max_steps - 1 else "incomplete"
 
 
-def _slides_from_tier(tier: str, slides_total: int | None) -> float | None:
-    value = _to_float(tier)
-    if value is None:
-        return None
-    if value > 1 or slides_total is None:
-        return value  # an absolute count, or the fraction itself when the manifest is unknown
-    return max(1, math.ceil(value * slides_total))
+def _slides_from_tier(run: Run, tier: str) -> float | None:
+    """Slides in the run's tier: ssl_path.data's own selection on the manifest when it is readable,
+    else the count itself (an int tier) or the fraction (a float tier, when the manifest is gone)."""
+    value = _parse_tier(tier)
+    root = _get(run.config, "data.root")
+    if value is not None and isinstance(root, str) and (Path(root) / "manifest.json").is_file():
+        from ssl_path.data.manifest import load_manifest, select_slides
+
+        seed = int(_to_float(_get(run.config, "data.tier_seed")) or 0)
+        return float(len(select_slides(load_manifest(root), value, seed)))
+    return None if value is None else float(value)
 
 
-def _shape(model: str) -> tuple[int, int, float] | None:
-    for prefix in sorted(VIT_SHAPES, key=len, reverse=True):
-        if model.startswith(prefix):
-            return VIT_SHAPES[prefix]
-    return None
+def _parse_tier(tier: str) -> float | int | None:
+    """``"0.5"`` -> 0.5 (a fraction), ``"3"`` -> 3 (a count), as hydra parses the override."""
+    try:
+        return int(tier)
+    except ValueError:
+        return _to_float(tier)
 
 
-def _params_estimate(model: str) -> float | None:
-    """Transformer-block parameters in millions, 12 * D^2 per block for mlp ratio 4 (Kaplan et al.)."""
-    shape = _shape(model)
-    if shape is None:
-        return None
-    dim, depth, mlp = shape
-    return depth * (4 + 2 * mlp) * dim * dim / 1e6
+def model_costs(model: str, config: dict) -> tuple[float | None, float | None]:
+    """(backbone parameters, training FLOPs per image) of a run.
 
-
-def _flops_estimate(model: str, config: dict, images: float) -> float | None:
-    """Training FLOPs: student forward+backward (3x) on all crops, teacher forward (1x) on global crops.
-
-    Per crop, a ViT forward costs ~ 2 * tokens * block_params + 4 * depth * tokens^2 * dim
-    (matmuls only; attention scores and values).
+    FLOPs per image: student forward + backward (3x forward) on every crop, teacher forward on the
+    global crops, the accounting of ``DINOv2Module.step_flops``; forward FLOPs come from the real
+    backbone (``Backbone.flops_per_image``, counted on the meta device). Falls back to a closed-form
+    ViT estimate when ssl_path cannot build the model.
     """
-    shape = _shape(model)
-    if shape is None:
-        return None
-    dim, depth, mlp = shape
-    patch = 16 if "16" in model or model == "vit_tiny" else 14
     aug = _get(config, "data.augmentation") or {}
-    g_size = _to_float(aug.get("global_crop_size")) or 224
-    l_size = _to_float(aug.get("local_crop_size")) or (96 if patch == 16 else 98)
-    n_g = _to_float(aug.get("n_global_crops")) or 2
+    n_g = _to_float(aug.get("n_global_crops"))
+    n_g = 2 if n_g is None else n_g
     n_l = _to_float(aug.get("n_local_crops"))
     n_l = 8 if n_l is None else n_l
-    block_params = depth * (4 + 2 * mlp) * dim * dim
+    g_size = int(_to_float(aug.get("global_crop_size")) or 224)
+    l_size = int(_to_float(aug.get("local_crop_size")) or 96)
+    try:
+        params, fwd = _backbone_costs(_get(config, "model.backbone") or {"name": model})
+    except Exception:  # noqa: BLE001 - an unknown or unbuildable model: closed-form estimate instead
+        params, fwd = _closed_form_costs(model)
+    if params is None or fwd is None:
+        return params, None
+    return params, 3 * (n_g * fwd(g_size) + n_l * fwd(l_size)) + n_g * fwd(g_size)
 
-    def fwd(size: float) -> float:
+
+def _backbone_costs(spec: dict) -> tuple[float, object]:
+    import torch
+
+    from ssl_path.models import create_backbone
+
+    kwargs = {k: v for k, v in spec.items() if not k.startswith("_") and k != "pretrained_path"}
+    with torch.device("meta"):
+        backbone = create_backbone(**kwargs)
+    params = float(sum(p.numel() for p in backbone.parameters()))
+    return params, backbone.flops_per_image
+
+
+def _closed_form_costs(model: str) -> tuple[float | None, object]:
+    """Block parameters (4 + 2 * mlp_ratio) * D^2 per block and forward FLOPs
+    2 * tokens * params + 4 * depth * tokens^2 * D (Kaplan et al. 2020), patch size from the name."""
+    shape = next(
+        (VIT_SHAPES[p] for p in sorted(VIT_SHAPES, key=len, reverse=True) if model.startswith(p)), None
+    )
+    if shape is None:
+        return None, None
+    dim, depth, mlp = shape
+    patch = 14 if model.endswith("14") else 16
+    params = depth * (4 + 2 * mlp) * dim * dim
+
+    def fwd(size: int) -> float:
         tokens = (size // patch) ** 2 + 1
-        return 2 * tokens * block_params + 4 * depth * tokens**2 * dim
+        return 2 * tokens * params + 4 * depth * tokens**2 * dim
 
-    per_image = 3 * (n_g * fwd(g_size) + n_l * fwd(l_size)) + n_g * fwd(g_size)
-    return per_image * images
-
-
-def manifest_slides(runs: list[Run]) -> int | None:
-    """Number of ok slides in the training manifest (to turn tier fractions into slide counts)."""
-    for run in runs:
-        root = _get(run.config, "data.root")
-        if isinstance(root, str) and (Path(root) / "manifest.json").is_file():
-            manifest = json.loads((Path(root) / "manifest.json").read_text())
-            slides = manifest.get("slides", {})
-            return sum(1 for s in slides.values() if s.get("status", "ok") == "ok") or None
-    return None
+    return float(params), fwd
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -398,7 +424,8 @@ def plot(rows: list[Row], metric: str | None, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_data, ax_flops) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    models = sorted({r.model for r in rows}, key=lambda m: (_params_estimate(m) or 0.0, m))
+    params = {r.model: r.params_m or 0.0 for r in rows}
+    models = sorted(params, key=lambda m: (params[m], m))
     for model in models:
         pts = sorted(
             (r for r in rows if r.model == model and r.metric is not None), key=lambda r: r.num_slides or 0.0
@@ -431,9 +458,8 @@ def aggregate(sweep_dir: Path, out: Path, metric: str = "auto", expect: Sequence
     grid = expected_grid(sweep_dir, expect)
     missing = match_grid(runs, grid)
     chosen = pick_metric(runs, metric)
-    total = manifest_slides(runs)
     rows = sorted(
-        (summarise(r, chosen, total) for r in runs),
+        (summarise(r, chosen) for r in runs),
         key=lambda r: (r.params_m or 0.0, r.model, r.num_slides or 0.0),
     )
     markdown = write_table(rows, missing, chosen, out)
