@@ -167,6 +167,18 @@ def exported_config(path: Path) -> dict[str, Any]:
     return json.loads(cfg_path.read_text())
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A file as given, or in a directory its ``model.safetensors`` (an export) or
+    ``checkpoints/last.ckpt`` (a training run directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for candidate in (path / "model.safetensors", path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoints/last.ckpt")
+
+
 @dataclass(frozen=True)
 class ResolvedBackbone:
     """What a checkpoint (or preset) says about the backbone to evaluate.
@@ -190,7 +202,7 @@ def resolve_checkpoint(checkpoint: str | Path | None, model: str | Mapping | Non
         spec = complete_spec({"name": model}) if isinstance(model, str) else backbone_spec(model)
     if checkpoint is None:
         return ResolvedBackbone(spec, None, None)
-    path = Path(checkpoint)
+    path = checkpoint_file(checkpoint)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"exported backbone {path} does not exist")

@@ -24,7 +24,8 @@ class ProbeConfig:
     ``knn_k``: neighbour counts, one table row each (DINO uses 10 and 20);
     ``knn_temperature``: vote temperature T; ``linear``: run the logistic-regression probe;
     ``linear_Cs``: inverse weight-decay grid; ``linear_inner_folds``: inner CV folds choosing C;
-    ``linear_max_iter``: L-BFGS iterations.
+    ``linear_max_iter``: L-BFGS iterations; ``linear_blas_threads``: BLAS threads while fitting
+    (1 is fastest for small sets; ``None`` = library default for large ones).
     """
 
     knn_k: tuple[int, ...] = (10, 20)
@@ -33,6 +34,7 @@ class ProbeConfig:
     linear_Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # noqa: N815 (scikit-learn's name)
     linear_inner_folds: int = 3
     linear_max_iter: int = 1000
+    linear_blas_threads: int | None = 1
 
     def __post_init__(self) -> None:
         # hydra hands ListConfig; keep the dataclass hashable and plain
@@ -59,6 +61,7 @@ def predict_split(features: np.ndarray, labels: np.ndarray, split: Split, probes
             inner_folds=probes.linear_inner_folds,
             seed=split.seed,
             max_iter=probes.linear_max_iter,
+            blas_threads=probes.linear_blas_threads,
         )
     return out
 

@@ -48,16 +48,16 @@ class FeatureConfig:
     """Feature extraction: token pooling, the eval view of a tile, batching and precision.
 
     ``img_size`` None means the backbone's own input size (224 for the histogram alone);
-    ``mean``/``std`` must be the training normalisation; ``autocast`` is ``null``, ``bf16`` or
-    ``fp16`` (CUDA only; CPU runs in float32); ``device`` ``auto`` picks CUDA when present.
+    ``mean``/``std`` must be the training normalisation (None: ImageNet's); ``autocast`` is
+    ``null``, ``bf16`` or ``fp16`` (CUDA only; CPU runs in float32); ``device`` ``auto`` picks CUDA.
     """
 
     pooling: str = "cls"
     img_size: int | None = None
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
     batch_size: int = 64
     num_workers: int = 0
     device: str = "auto"
@@ -94,7 +94,8 @@ def model_features(
         return collect(
             ImageDataset(tiles.paths, tiles.labels, tf), lambda x: x, feats.batch_size, feats.num_workers
         )
-    tf = eval_transform(size, feats.crop_pct, feats.interpolation, feats.mean, feats.std)
+    mean, std = feats.mean or IMAGENET_MEAN, feats.std or IMAGENET_STD
+    tf = eval_transform(size, feats.crop_pct, feats.interpolation, mean, std)
     device = feats.resolve_device()
     backbone = backbone.to(device)
     return extract_features(
