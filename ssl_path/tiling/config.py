@@ -31,7 +31,10 @@ class TilingConfig:
             saturation threshold of tile pixels.
         min_texture: minimum local high-pass energy (grey levels) of a tissue pixel; rejects blurred pen ink.
         resample: PIL filter used to scale the read region to ``tile_size``.
-        read_block: tiles per side of the regions read at once (larger regions = fewer openslide calls).
+        read_block: tiles per side of the regions read at once (fewer openslide calls; too large reads
+            background between tissue tiles).
+        threads: threads per slide process that read blocks, filter and JPEG-encode tiles (openslide, PIL
+            and numpy release the GIL); output is identical for any value.
     """
 
     target_mpps: tuple[float, ...] = (0.5,)
@@ -48,7 +51,8 @@ class TilingConfig:
     min_saturation: float = 0.07
     min_texture: float = 1.5
     resample: str = "bilinear"
-    read_block: int = 8
+    read_block: int = 4
+    threads: int = 4
 
     def __post_init__(self) -> None:
         mpps = (self.target_mpps,) if isinstance(self.target_mpps, int | float) else self.target_mpps
@@ -67,6 +71,7 @@ class TilingConfig:
         _check(0.0 <= self.mask_min_coverage <= 1.0, "mask_min_coverage must be in [0, 1]")
         _check(self.resample in RESAMPLE_FILTERS, f"resample must be one of {RESAMPLE_FILTERS}")
         _check(self.read_block >= 1, "read_block must be >= 1")
+        _check(self.threads >= 1, "threads must be >= 1")
 
     def to_dict(self) -> dict:
         """JSON-ready dict (what the manifest records and compares on resume)."""

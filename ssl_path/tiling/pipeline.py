@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
 from ssl_path.tiling.inputs import slide_ids
 from ssl_path.tiling.manifest import build_manifest, load_manifest, save_manifest
-from ssl_path.tiling.reader import best_level, read_tiles
+from ssl_path.tiling.reader import best_level, map_tiles, read_thumbnail
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import mask_coverage, thumbnail_tissue_mask, tile_tissue_fraction
 from ssl_path.tiling.writer import SlideShardWriter
@@ -43,19 +43,29 @@ def tissue_mask(slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig) -> tu
     """Thumbnail tissue mask of ``slide`` at ``cfg.thumbnail_mpp`` and its level-0 px per mask px (x, y)."""
     w0, h0 = slide.dimensions
     ds = max(cfg.thumbnail_mpp / mpp, 1.0)
-    thumb = slide.get_thumbnail((max(1, round(w0 / ds)), max(1, round(h0 / ds))))
-    mask = thumbnail_tissue_mask(np.asarray(thumb.convert("RGB")), cfg.min_saturation)
+    thumb = read_thumbnail(slide, (max(1, round(w0 / ds)), max(1, round(h0 / ds))))
+    mask = thumbnail_tissue_mask(thumb, cfg.min_saturation)
     return mask, w0 / mask.shape[1], h0 / mask.shape[0]
+
+
+def _judge(cfg: TilingConfig) -> Callable[[np.ndarray], tuple[float, bytes | None]]:
+    """Per-tile work run in the reader threads: tissue fraction, and the JPEG only for kept tiles."""
+
+    def judge(tile: np.ndarray) -> tuple[float, bytes | None]:
+        frac = tile_tissue_fraction(tile, cfg.min_saturation, cfg.min_texture)
+        return frac, _encode_jpeg(tile, cfg.jpeg_quality) if frac >= cfg.tissue_threshold else None
+
+    return judge
 
 
 def _filtered_tiles(
     slide: openslide.OpenSlide, grid: TileGrid, index: np.ndarray, level: int, cfg: TilingConfig
-) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Yield ``(k, tissue_fraction, tile)`` for the tiles of ``index`` that pass the tile-level filter."""
-    for k, tile in read_tiles(slide, grid, index, level, cfg.read_block, cfg.resample):
-        frac = tile_tissue_fraction(tile, cfg.min_saturation, cfg.min_texture)
-        if frac >= cfg.tissue_threshold:
-            yield k, frac, tile
+) -> Iterator[tuple[int, float, bytes]]:
+    """Yield ``(k, tissue_fraction, jpeg)`` for the tiles of ``index`` that pass the tile-level filter."""
+    judged = map_tiles(slide, grid, index, level, _judge(cfg), cfg.read_block, cfg.resample, cfg.threads)
+    for k, (frac, jpeg) in judged:
+        if jpeg is not None:
+            yield k, frac, jpeg
 
 
 def select_tiles(
@@ -65,7 +75,7 @@ def select_tiles(
     level: int,
     cfg: TilingConfig,
     slide_id: str,
-) -> Iterator[tuple[int, float, np.ndarray]]:
+) -> Iterator[tuple[int, float, bytes]]:
     """Tiles to write: all candidates passing the filter, or with ``max_tiles_per_slide`` the first that
     pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order."""
     limit = cfg.max_tiles_per_slide
@@ -73,7 +83,7 @@ def select_tiles(
         yield from _filtered_tiles(slide, grid, candidates, level, cfg)
         return
     perm = slide_rng(cfg.seed, slide_id, grid.target_mpp).permutation(len(candidates))
-    kept: dict[int, tuple[float, np.ndarray]] = {}
+    kept: dict[int, tuple[float, bytes]] = {}
     pos = 0
     while len(kept) < limit and pos < len(perm):
         chunk = perm[pos : pos + max(64, 2 * (limit - len(kept)))]
@@ -113,7 +123,7 @@ def _tile_at_mpp(
     candidates = index[coverage >= cfg.mask_min_coverage]  # 0 reads every grid tile
     suffix = f"_{round(target_mpp * 1000)}nm" if len(cfg.target_mpps) > 1 else ""
     n = 0
-    for k, frac, tile in select_tiles(slide, grid, candidates, level, cfg, slide_id):
+    for k, frac, jpeg in select_tiles(slide, grid, candidates, level, cfg, slide_id):
         x, y = int(grid.xs[candidates[k, 1]]), int(grid.ys[candidates[k, 0]])
         meta = {
             "slide_id": slide_id,
@@ -128,7 +138,7 @@ def _tile_at_mpp(
             "source": source,
             "tissue_fraction": round(frac, 4),
         }
-        writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", _encode_jpeg(tile, cfg.jpeg_quality), meta)
+        writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", jpeg, meta)
         n += 1
     return {"level": level, "grid": [len(grid.xs), len(grid.ys)], "candidates": len(candidates), "tiles": n}
 

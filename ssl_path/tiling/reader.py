@@ -8,13 +8,18 @@ are composited onto white, never black.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import openslide
 from PIL import Image
 
 from ssl_path.tiling.grid import TileGrid
+
+T = TypeVar("T")
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -44,43 +49,125 @@ def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def read_tiles(
+def _block_tiles(
     slide: openslide.OpenSlide,
     grid: TileGrid,
     index: np.ndarray,
+    members: np.ndarray,
     level: int,
-    read_block: int = 8,
-    resample: str = "bilinear",
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(k, tile)`` for each row ``k`` of ``index`` ((N, 2) int (row, col)), block by block.
-
-    Each tile is (tile_size, tile_size, 3) uint8 RGB covering its level-0 box; order is by block.
-    """
-    if len(index) == 0:
-        return
+    read_block: int,
+    resample: str,
+    fn: Callable[[np.ndarray], T],
+) -> list[tuple[int, T]]:
+    """Read the bounding box of the tiles ``index[members]`` in one call; return ``(k, fn(tile))``."""
     ds = float(slide.level_downsamples[level])
     lw, lh = slide.level_dimensions[level]
     size = grid.tile_size
     span = grid.extent / ds  # tile side at the read level
     crop = abs(span - size) < 1e-9 and ds == 1.0
-    block_key = (index[:, 0] // read_block) * (len(grid.xs) + 1) + index[:, 1] // read_block
-    order = np.argsort(block_key, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(block_key[order]) != 0])
-    for members in np.split(order, starts[1:]):
-        rows, cols = index[members, 0], index[members, 1]
-        # Start the block on a whole pixel of the read level (openslide interpolates fractional starts),
-        # so each tile is resampled once, from its exact sub-pixel box.
-        x0 = int(round(np.floor(grid.xs[cols.min()] / ds) * ds))
-        y0 = int(round(np.floor(grid.ys[rows.min()] / ds) * ds))
-        w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent - x0) / ds)) + 1, lw - round(x0 / ds))
-        h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent - y0) / ds)) + 1, lh - round(y0 / ds))
-        rgb = rgba_to_rgb_white(np.asarray(slide.read_region((x0, y0), level, (w, h))))
-        block = None if crop else Image.fromarray(rgb)
-        for k, r, c in zip(members, rows, cols, strict=True):
-            bx, by = (grid.xs[c] - x0) / ds, (grid.ys[r] - y0) / ds
-            if crop:
-                tile = rgb[int(by) : int(by) + size, int(bx) : int(bx) + size]
-            else:
-                box = (bx, by, min(bx + span, w), min(by + span, h))
-                tile = np.asarray(block.resize((size, size), _FILTERS[resample], box=box))
-            yield int(k), tile
+    rows, cols = index[members, 0], index[members, 1]
+    # Start the block on a whole pixel of the read level (openslide interpolates fractional starts),
+    # so each tile is resampled once, from its exact sub-pixel box. A margin as wide as the resampling
+    # filter's support makes every tile independent of how tiles are grouped into blocks.
+    # The block starts at its grid-aligned first tile whichever tiles are wanted, so a tile's pixels
+    # depend only on (read_block, position), not on the other tiles read with it (sampling).
+    margin = int(np.ceil(3 * max(1.0, span / size))) + 1
+    col0, row0 = cols.min() // read_block * read_block, rows.min() // read_block * read_block
+    lx0 = max(int(np.floor(grid.xs[col0] / ds)) - margin, 0)
+    ly0 = max(int(np.floor(grid.ys[row0] / ds)) - margin, 0)
+    x0, y0 = int(round(lx0 * ds)), int(round(ly0 * ds))
+    w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent) / ds)) + margin, lw) - lx0
+    h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent) / ds)) + margin, lh) - ly0
+    rgb = rgba_to_rgb_white(np.asarray(slide.read_region((x0, y0), level, (w, h))))
+    block = None if crop else Image.fromarray(rgb)
+    out = []
+    for k, r, c in zip(members, rows, cols, strict=True):
+        bx, by = (grid.xs[c] - x0) / ds, (grid.ys[r] - y0) / ds
+        if crop:
+            tile = rgb[int(by) : int(by) + size, int(bx) : int(bx) + size]
+        else:
+            # Resample from a local crop so the arithmetic does not depend on where the block starts.
+            cx, cy = max(int(np.floor(bx)) - margin, 0), max(int(np.floor(by)) - margin, 0)
+            ex, ey = min(int(np.ceil(bx + span)) + margin, w), min(int(np.ceil(by + span)) + margin, h)
+            box = (bx - cx, by - cy, min(bx + span, w) - cx, min(by + span, h) - cy)
+            tile = np.asarray(block.crop((cx, cy, ex, ey)).resize((size, size), _FILTERS[resample], box=box))
+        out.append((int(k), fn(tile)))
+    return out
+
+
+def _blocks(grid: TileGrid, index: np.ndarray, read_block: int) -> list[np.ndarray]:
+    """Rows of ``index`` grouped by ``read_block x read_block`` block of the grid, blocks in raster order."""
+    key = (index[:, 0] // read_block) * (len(grid.xs) + 1) + index[:, 1] // read_block
+    order = np.argsort(key, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
+    return np.split(order, starts[1:])
+
+
+def map_tiles(
+    slide: openslide.OpenSlide,
+    grid: TileGrid,
+    index: np.ndarray,
+    level: int,
+    fn: Callable[[np.ndarray], T],
+    read_block: int = 4,
+    resample: str = "bilinear",
+    threads: int = 1,
+) -> Iterator[tuple[int, T]]:
+    """Yield ``(k, fn(tile_k))`` for each row ``k`` of ``index`` ((N, 2) int (row, col)), block by block.
+
+    ``tile_k`` is (tile_size, tile_size, 3) uint8 RGB covering its level-0 box. With ``threads > 1``
+    blocks are read and ``fn`` runs in a thread pool (openslide, PIL and numpy release the GIL); the
+    output order is the same as with one thread.
+    """
+    if len(index) == 0:
+        return
+    blocks = _blocks(grid, index, read_block)
+    if threads <= 1:
+        for members in blocks:
+            yield from _block_tiles(slide, grid, index, members, level, read_block, resample, fn)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        for members in blocks:
+            pending.append(
+                pool.submit(_block_tiles, slide, grid, index, members, level, read_block, resample, fn)
+            )
+            if len(pending) >= 2 * threads:  # bounded read-ahead keeps memory flat
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def read_tiles(
+    slide: openslide.OpenSlide,
+    grid: TileGrid,
+    index: np.ndarray,
+    level: int,
+    read_block: int = 4,
+    resample: str = "bilinear",
+    threads: int = 1,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(k, tile)`` for each row ``k`` of ``index`` (see ``map_tiles``)."""
+    yield from map_tiles(slide, grid, index, level, lambda t: t, read_block, resample, threads)
+
+
+def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 RGB of the whole slide at about ``size`` (w, h), without decoding level 0 if avoidable.
+
+    Reads the pyramid level nearest the wanted downsample when one is within 4x of it; otherwise (e.g.
+    single-level Aperio files) uses the slide's associated ``thumbnail`` image when it has the slide's
+    aspect ratio and at least half the wanted resolution; else reads the best level.
+    """
+    w0, h0 = slide.dimensions
+    ds = max(w0 / size[0], h0 / size[1], 1.0)
+    level = slide.get_best_level_for_downsample(ds)
+    image = None
+    if slide.level_downsamples[level] * 4 < ds and "thumbnail" in slide.associated_images:
+        thumb = slide.associated_images["thumbnail"]
+        same_aspect = abs(thumb.width / thumb.height - w0 / h0) < 0.01 * w0 / h0
+        if same_aspect and thumb.width * 2 >= size[0]:
+            image = thumb
+    if image is None:
+        image = slide.read_region((0, 0), level, slide.level_dimensions[level])
+    rgb = Image.fromarray(rgba_to_rgb_white(np.asarray(image.convert("RGBA"))))
+    return np.asarray(rgb.resize((max(1, round(w0 / ds)), max(1, round(h0 / ds))), Image.Resampling.BOX))

@@ -1,0 +1,120 @@
+"""Tiles/s of ``ssl_path.tiling`` against the common DeepZoom loop, same slide, tile size and mpp.
+
+    .venv/bin/python scripts/bench_tiling.py [--slide ../shared/data/slides/CMU-1-Small-Region.svs]
+        [--mpp 0.5] [--tile-size 224] [--repeats 5]
+
+Baseline (histolab's GridTiler needs its own old-numpy environment; not installable here): the loop
+most WSI projects start from. ``openslide.deepzoom.DeepZoomGenerator`` at the level nearest the target
+mpp, every grid tile read with ``get_tile``, resized to the tile size if needed, the same tile-level
+tissue filter (``tile_tissue_fraction``) run on every tile, kept tiles JPEG-encoded into tar shards.
+Both sides open the slide afresh each repeat (cold openslide cache) and write to a temporary folder;
+the rate is tissue tiles written per second of wall time, median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import webdataset as wds
+from openslide.deepzoom import DeepZoomGenerator
+
+from ssl_path.tiling import TilingConfig, resolve_mpp, tile_slides
+from ssl_path.tiling.tissue import tile_tissue_fraction
+
+DEFAULT_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def deepzoom_baseline(slide_path: Path, out: Path, cfg: TilingConfig) -> int:
+    """The naive loop; returns the number of tiles written."""
+    slide = openslide.OpenSlide(str(slide_path))
+    mpp = resolve_mpp(dict(slide.properties), cfg.fallback_mpp).mpp
+    target = cfg.target_mpps[0]
+    dz = DeepZoomGenerator(slide, tile_size=cfg.tile_size, overlap=0, limit_bounds=False)
+    # DeepZoom level L has mpp * 2**(max_level - L); take the finest level not finer than ~ the target.
+    max_level = dz.level_count - 1
+    level = max_level - int(np.floor(np.log2(target / mpp) + 1e-3)) if target >= mpp else max_level
+    cols, rows = dz.level_tiles[level]
+    written = 0
+    with wds.ShardWriter(str(out / "dz-%06d.tar"), maxcount=cfg.shard_max_count, verbose=0) as sink:
+        for row in range(rows):
+            for col in range(cols):
+                tile = dz.get_tile(level, (col, row))
+                if tile.size != (cfg.tile_size, cfg.tile_size):
+                    continue  # partial edge tile
+                arr = np.asarray(tile)
+                frac = tile_tissue_fraction(arr, cfg.min_saturation, cfg.min_texture)
+                if frac < cfg.tissue_threshold:
+                    continue
+                buf = io.BytesIO()
+                tile.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+                meta = {"x": col, "y": row, "level": level, "tissue_fraction": frac}
+                sink.write(
+                    {"__key__": f"t_{level}_{col}_{row}", "jpg": buf.getvalue(), "json": json.dumps(meta)}
+                )
+                written += 1
+    slide.close()
+    return written
+
+
+def ssl_path_tiler(slide_path: Path, out: Path, cfg: TilingConfig) -> int:
+    manifest = tile_slides([slide_path], out, cfg, workers=1, progress=False)
+    entry = next(iter(manifest["slides"].values()))
+    assert entry["status"] == "ok", entry["reason"]
+    return entry["tiles"]
+
+
+def timed(fn, slide: Path, cfg: TilingConfig) -> tuple[float, float, int]:
+    """(wall s, CPU s of this process incl. all threads, tiles written)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, cpu = time.perf_counter(), time.process_time()
+        n = fn(slide, Path(tmp), cfg)
+        return time.perf_counter() - wall, time.process_time() - cpu, n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", type=Path, default=DEFAULT_SLIDE)
+    parser.add_argument("--mpp", type=float, default=0.5)
+    parser.add_argument("--tile-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=TilingConfig().threads, help="ssl_path threads per slide"
+    )
+    parser.add_argument("--fallback-mpp", type=float, default=None)
+    args = parser.parse_args()
+    cfg = TilingConfig(
+        target_mpps=[args.mpp], tile_size=args.tile_size, fallback_mpp=args.fallback_mpp, threads=args.threads
+    )
+    timed(ssl_path_tiler, args.slide, cfg)  # warm imports and the page cache for both sides
+    timed(deepzoom_baseline, args.slide, cfg)
+    runs: dict[str, list] = {"ssl_path": [], "baseline": []}
+    for _ in range(args.repeats):  # interleaved, so machine load hits both alike
+        runs["ssl_path"].append(timed(ssl_path_tiler, args.slide, cfg))
+        runs["baseline"].append(timed(deepzoom_baseline, args.slide, cfg))
+    rates = {}
+    print(
+        f"slide {args.slide.name}, {args.mpp} µm/px, {args.tile_size} px, {args.repeats} repeats, median wall"
+    )
+    for name, label in (
+        ("ssl_path", f"ssl_path (threads={args.threads})"),
+        ("baseline", "baseline (DeepZoom)"),
+    ):
+        wall = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[1] for r in runs[name])
+        n = runs[name][0][2]
+        rates[name] = n / wall
+        timing = f"{wall * 1e3:7.1f} ms wall ({cpu * 1e3:7.1f} ms CPU)"
+        print(f"{label:28s} {n} tiles in {timing} -> {n / wall:7.1f} tiles/s")
+    print(f"ratio: {rates['ssl_path'] / rates['baseline']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
