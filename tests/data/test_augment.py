@@ -145,10 +145,10 @@ def test_device_geometry_equals_cpu_geometry(tiles: list[torch.Tensor]) -> None:
 
 def test_device_path_equals_cpu_path_for_same_parameters(tiles: list[torch.Tensor]) -> None:
     cfg = MultiCropConfig().resolved(14)
-    p = sample_params(np.random.default_rng(3), cfg, np.full((16, 2), 224))
+    p = sample_params(np.random.default_rng(3), cfg, np.full((8, 2), 224))
     for kind, size in (("global", 224), ("local", 98)):
-        cpu = crops_cpu(tiles[:16], p[kind], size, cfg)
-        dev = crops_device(torch.stack(tiles[:16]), p[kind], size, cfg)
+        cpu = crops_cpu(tiles[:8], p[kind], size, cfg)
+        dev = crops_device(torch.stack(tiles[:8]), p[kind], size, cfg)
         assert (cpu - dev).abs().mean() < 0.02, kind  # only the resampling filter differs (antialias)
 
 
@@ -169,7 +169,7 @@ def test_cpu_and_device_paths_agree_in_distribution(tiles: list[torch.Tensor], d
     cfg = MultiCropConfig().resolved(14)
     hw = np.full((len(tiles), 2), 224)
     stats_cpu, stats_dev = [], []
-    for rep in range(3):  # 144 tile draws, 288 global and 1152 local crops per path
+    for rep in range(2):  # 96 tile draws: 192 global and 768 local crops per path
         pc = sample_params(np.random.default_rng(10 + rep), cfg, hw)
         pd = sample_params(np.random.default_rng(20 + rep), cfg, hw)
         batch = torch.stack(tiles).to(device)
