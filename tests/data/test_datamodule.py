@@ -24,7 +24,8 @@ VARIANTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
 def _compose(name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(
-            config_name=f"data/{name}", overrides=["+seed=0", "+paths.data_dir=/unused", *overrides]
+            config_name=f"data/{name}",
+            overrides=["+seed=0", "+paths.data_dir=/unused", "+model.patch_size=14", *overrides],
         )
 
 
