@@ -66,7 +66,7 @@ def reference_transform(local_size: int):
     """DINOv2's ``DataAugmentationDINO`` (dinov2/data/augmentations.py) with its default arguments."""
     from torchvision import transforms as T
 
-    def blur(p: float):
+    def blur(p: float):  # the intended probability (DINOv2's wrapper passes 1 - p; same work on average)
         return T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
 
     bicubic = T.InterpolationMode.BICUBIC

@@ -4,9 +4,10 @@ References: DINOv2 (Oquab et al. 2023, arXiv:2304.07193; ``dinov2/data/augmentat
 multi-crop recipe; Virchow2 (Zimmermann et al. 2024, arXiv:2408.00738) for extended-context
 translation crops and pathology-specific flips/rotations; Tellez et al. 2018 for HED stain jitter.
 
-DINOv2's reference code passes ``GaussianBlur(p=1.0)`` for global crop 1 and ``p=0.1`` for global
-crop 2 as *keep* probabilities of ``RandomApply`` inverted by its own wrapper; we implement the
-*intended* probabilities of the paper: blur global 1 with p=1.0, global 2 with p=0.1, locals with 0.5.
+DINOv2's ``GaussianBlur(p)`` wrapper (``dinov2/data/transforms.py``) hands ``1 - p`` to
+``RandomApply``, so the reference pipeline blurs global crop 1 with probability 0 and global crop 2
+with 0.9; we implement the *intended* probabilities: global 1 with p=1.0, global 2 with p=0.1,
+locals with 0.5.
 
 Pipeline per crop: random box (RandomResizedCrop box, or a fixed-size box at a random offset for
 ``mode="translate"``) -> resize to the crop size -> horizontal/vertical flip -> k x 90 deg rotation ->
@@ -238,9 +239,11 @@ def _photometric(x: torch.Tensor, p: dict[str, torch.Tensor], cfg: MultiCropConf
     a = a * (inv_std / 255.0)
     t = (t - mean) * inv_std
     x = torch.baddbmm(t, a, x.reshape(n, 3, -1)).reshape(x.shape)
-    lo, hi = (-mean * inv_std).view(1, 3, 1, 1), ((1.0 - mean) * inv_std).view(1, 3, 1, 1)
-    for c in range(3):  # scalar clamps per channel are ~3x faster than a broadcast tensor clamp on CPU
-        x[:, c].clamp_(lo.flatten()[c].item(), hi.flatten()[c].item())
+    lo_f = [-m / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
+    hi_f = [(1.0 - m) / s for m, s in zip(cfg.mean, cfg.std, strict=True)]
+    for c in range(3):  # scalar clamps per channel: ~3x faster than a broadcast tensor clamp on CPU
+        x[:, c].clamp_(lo_f[c], hi_f[c])
+    lo, hi = torch.tensor(lo_f, device=dev).view(1, 3, 1, 1), torch.tensor(hi_f, device=dev).view(1, 3, 1, 1)
     idx = p["blur"].nonzero().flatten().to(dev)
     if idx.numel():
         x[idx] = photometric.gaussian_blur(x[idx], p["sigma"].to(dev)[idx], cfg.blur_kernel_size)

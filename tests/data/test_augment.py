@@ -16,6 +16,7 @@ from ssl_path.data import MultiCropAugmentation, MultiCropConfig, sample_params
 from ssl_path.data.augment import crops_cpu, crops_device
 from ssl_path.data.photometric import colour_matrix, gaussian_blur, hed_jitter
 
+from ..helpers.run_if import RunIf
 from .conftest import real_samples
 
 
@@ -157,13 +158,7 @@ def _stats(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-    ],
-)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=RunIf(min_gpus=1))])
 def test_cpu_and_device_paths_agree_in_distribution(tiles: list[torch.Tensor], device: str) -> None:
     """Independent draws (different seeds): per-crop statistics have matching means and variances."""
     cfg = MultiCropConfig().resolved(14)

@@ -93,12 +93,12 @@ def test_datamodule_batches_with_corrupt_shards(corrupt_root: Path) -> None:
     dm.setup("fit")
     stats = {}
     with pytest.warns(DataSkipWarning):
-        for batch in islice(dm.train_dataloader(), 12):
+        for batch in islice(dm.train_dataloader(), 8):
             batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
             assert batch["global_crops"].shape == (8, 3, 224, 224)
             assert torch.isfinite(batch["global_crops"]).all()
             stats = batch["data_stats"]
-    assert stats["samples"] == 48
+    assert stats["samples"] == 32
     assert sum(v for k, v in stats.items() if k != "samples") > 0
 
 
