@@ -1,0 +1,198 @@
+"""End to end through the real CLI (``python -m ssl_path.train``) on shards tiled from the real slides.
+
+* SIGTERM -> checkpoint at the next step, exit 0; restart; SIGKILL at an arbitrary later step; restart:
+  the final student, teacher, optimiser and data-stream state are bit-identical to an uninterrupted run.
+* 2-process DDP (gloo, CPU, Lightning ``strategy=ddp``): both ranks end with identical teachers.
+* the smoke experiment at toy size: finite losses, DINO loss goes down, last.ckpt written in the
+  deterministic run directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tiny(tiled_root: Path) -> list[str]:
+    """The smoke experiment shrunk further: 2 tiles per batch, small heads, quiet output."""
+    return [
+        "experiment=smoke",
+        f"data.root={tiled_root}",
+        "data.batch_size=2",
+        "model.head.out_dim=128",
+        "model.head.hidden_dim=64",
+        "model.head.bottleneck_dim=32",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "callbacks.checkpoint.every_n_steps=2",
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    env.pop("SLURM_JOB_ID", None)  # behave the same inside a CI job that itself runs under SLURM
+    env.pop("SLURM_NTASKS", None)
+    return env
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ssl_path.train", *args],
+        cwd=REPO,
+        env=_env(),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"run did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, after_step: int, log: Path, timeout=300) -> int:
+    """Block until ``ckpt`` holds a step > after_step; fail if the process ends first."""
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"run ended (rc={proc.returncode}) before a checkpoint after step {after_step}:\n"
+                f"{log.read_text()[-3000:]}"
+            )
+        if ckpt.exists() and ckpt.stat().st_mtime_ns != seen:
+            seen = ckpt.stat().st_mtime_ns
+            step = _step(ckpt)
+            if step > after_step:
+                return step
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint after step {after_step} within {timeout}s")
+
+
+def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"tensor differs at {where}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
+    steps = 12
+    common = [*_tiny(tiled_root), f"trainer.max_steps={steps}"]
+    run_b = tmp_path / "interrupted"
+    ckpt_b, log_b = run_b / "checkpoints" / "last.ckpt", tmp_path / "interrupted.log"
+    b_args = [*common, f"hydra.run.dir={run_b}"]
+
+    # 1) graceful stop: SIGTERM once the first checkpoint exists -> checkpoint at the next step, rc 0
+    proc = _start(b_args, log_b)
+    _wait_for_checkpoint(proc, ckpt_b, 0, log_b)
+    proc.send_signal(signal.SIGTERM)
+    assert _finish(proc, log_b) == 0, log_b.read_text()[-3000:]
+    status = json.loads((run_b / "status.json").read_text())
+    stopped_at = _step(ckpt_b)
+    assert status == {"status": "stopped", "global_step": stopped_at, "signal": "SIGTERM"}
+    assert 2 <= stopped_at < steps
+
+    # 2) same command resumes; SIGKILL it at an arbitrary point after its next periodic checkpoint
+    proc = _start(b_args, log_b)
+    killed_after = _wait_for_checkpoint(proc, ckpt_b, stopped_at, log_b)
+    time.sleep(0.7)
+    proc.send_signal(signal.SIGKILL)
+    assert _finish(proc, log_b) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert stopped_at < _step(ckpt_b) < steps and killed_after < steps
+
+    # 3) same command again: resumes from last.ckpt and completes
+    assert _finish(_start(b_args, log_b), log_b) == 0, log_b.read_text()[-3000:]
+    assert log_b.read_text().count("resuming from") == 2
+    assert json.loads((run_b / "status.json").read_text())["status"] == "finished"
+
+    # uninterrupted reference
+    run_a, log_a = tmp_path / "straight", tmp_path / "straight.log"
+    assert _finish(_start([*common, f"hydra.run.dir={run_a}"], log_a), log_a) == 0, log_a.read_text()[-3000:]
+
+    a = torch.load(run_a / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(ckpt_b, map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == steps
+    assert any(k.startswith("teacher.backbone.") for k in a["state_dict"])
+    _assert_same_state(a["state_dict"], b["state_dict"], "state_dict")
+    _assert_same_state(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
+    _assert_same_state(a["SSLDataModule"], b["SSLDataModule"], "SSLDataModule")
+    _assert_same_state(a["rng_states"], b["rng_states"], "rng_states")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_teachers(tiled_root, tmp_path):
+    run_dir, log = tmp_path / "ddp", tmp_path / "ddp.log"
+    args = [
+        *_tiny(tiled_root),
+        "trainer=ddp_cpu",
+        "trainer.max_steps=3",
+        "data.num_workers=0",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.dump._target_=tests.train.dump.DumpTeacher",
+        f"+callbacks.dump.dirpath={run_dir / 'dump'}",
+    ]
+    assert _finish(_start(args, log), log) == 0, log.read_text()[-4000:]
+    ranks = [torch.load(run_dir / "dump" / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 3
+    _assert_same_state(ranks[0]["teacher"], ranks[1]["teacher"], "teacher")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert len(ckpt["rng_states"]) == 2  # one RNG state per rank
+    assert not torch.equal(ckpt["rng_states"][0]["torch"], ckpt["rng_states"][1]["torch"])
+    teacher = {
+        k.removeprefix("teacher."): v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.")
+    }
+    _assert_same_state(teacher, ranks[0]["teacher"], "checkpoint teacher")
+
+
+@pytest.mark.slow
+def test_smoke_experiment_learns_and_checkpoints(tiled_root, tmp_path):
+    log = tmp_path / "smoke.log"
+    args = [
+        "experiment=smoke",
+        f"data.root={tiled_root}",
+        f"paths.root_dir={tmp_path}",  # run dir: <root>/runs/smoke/<overrides that change the run>
+        "data.batch_size=8",
+        "optim.lr=0.1",
+        "logger=csv",
+        "trainer.max_steps=16",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    assert _finish(_start(args, log), log) == 0, log.read_text()[-3000:]
+    run_dir = tmp_path / "runs" / "smoke" / f"data.batch_size=8,data.root={tiled_root},optim.lr=0.1"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p for p in tmp_path.rglob("*.ckpt"))
+    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+    dino = [float(r["loss/dino"]) for r in rows if r.get("loss/dino")]
+    total = [float(r["loss/total"]) for r in rows if r.get("loss/total")]
+    assert len(dino) == 16 and all(torch.isfinite(torch.tensor(total)))
+    assert sum(dino[-4:]) / 4 < sum(dino[:4]) / 4, dino
