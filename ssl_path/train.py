@@ -23,7 +23,15 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_path.config_validation import validate_config
-from ssl_path.method import AtomicCheckpointIO, DINOv2Module, GracefulStop, PeriodicCheckpoint
+from ssl_path.data import default_local_crop_size
+from ssl_path.method import (
+    AtomicCheckpointIO,
+    DINOv2Module,
+    GracefulStop,
+    PeriodicCheckpoint,
+    build_optimizer,
+    synthetic_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,37 @@ def build_module(cfg: DictConfig) -> DINOv2Module:
         head=instantiate(cfg.model.head),
         optim=instantiate(cfg.optim),
     )
+
+
+def build_standalone(
+    cfg: DictConfig, device: str | torch.device = "cpu", batch_size: int | None = None
+) -> tuple[DINOv2Module, torch.optim.Optimizer, dict[str, Any]]:
+    """A ready-to-train module, its optimiser and a synthetic batch from ``cfg``, without a Trainer.
+
+    For benchmarks (``scripts/bench_train.py``): ``module.manual_step(batch, optimizer, step,
+    autocast_dtype=torch.bfloat16)`` runs exactly the training step of the Lightning path. The batch
+    has the shapes ``cfg.data`` would produce (crop counts and sizes, mask probability).
+    """
+    validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    module = build_module(cfg).to(device)
+    module.configure_model()
+    bs = int(batch_size or cfg.data.batch_size)
+    module.batch_size = bs
+    module.set_global_batch_size(bs)
+    optimizer = build_optimizer(module.student, module.optim, use_fused=torch.device(device).type == "cuda")
+    aug = cfg.data.augmentation
+    batch = synthetic_batch(
+        bs,
+        n_global_crops=aug.n_global_crops,
+        n_local_crops=aug.n_local_crops,
+        global_crop_size=aug.global_crop_size,
+        local_crop_size=aug.local_crop_size or default_local_crop_size(cfg.model.patch_size),
+        patch_size=cfg.model.patch_size,
+        mask_probability=cfg.data.mask_probability,
+        mask_ratio=sum(cfg.data.mask_ratio_min_max) / 2,
+        device=device,
+    )
+    return module, optimizer, batch
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
