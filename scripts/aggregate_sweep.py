@@ -7,7 +7,8 @@ metric against the data size (one line per model size) and against training comp
 
 A run is any directory holding ``.hydra/config.yaml`` (a hydra job dir). For each run we read:
 - the swept values from ``.hydra/overrides.yaml`` and the config group choices from ``.hydra/hydra.yaml``;
-- the last logged value of every column of Lightning's CSVLogger files ``<run>/**/metrics.csv``;
+- the last logged value of every column of Lightning's CSVLogger files ``<run>/**/metrics.csv``, and
+  the probe scores of ``ssl-path-eval ... output=<run>/eval`` (``<run>/eval/results.csv``) if present;
 - the number of slides, images seen, parameters and FLOPs from logged columns when present, else from
   the config (tier x slides in the manifest, steps x batch size, a ViT FLOP estimate).
 The intended grid comes from ``<sweep>/multirun.yaml`` (written by hydra at launch) or ``--expect``;
@@ -59,13 +60,14 @@ class Run:
 # --------------------------------------------------------------------------------------------- reading
 def find_runs(sweep_dir: Path) -> list[Run]:
     """All hydra job dirs below ``sweep_dir`` (the sweep dir itself counts for a single run)."""
-    runs = []
-    for cfg_file in sorted(sweep_dir.rglob(".hydra/config.yaml")):
+    found: list[Path] = []
+    for cfg_file in sorted(sweep_dir.rglob(".hydra/config.yaml"), key=lambda p: len(p.parts)):
         run_dir = cfg_file.parent.parent
-        if ".submitit" in run_dir.parts:
+        # skip submitit's folder and hydra dirs of tools run inside a run (e.g. <run>/eval/hydra)
+        if ".submitit" in run_dir.parts or any(r in run_dir.parents for r in found):
             continue
-        runs.append(read_run(run_dir))
-    return runs
+        found.append(run_dir)
+    return [read_run(run_dir) for run_dir in sorted(found)]
 
 
 def _load_yaml(path: Path) -> object:
@@ -83,7 +85,8 @@ def read_run(run_dir: Path) -> Run:
     config = _load_yaml(run_dir / ".hydra" / "config.yaml") or {}
     status_file = run_dir / "status.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
-    return Run(run_dir, overrides, dict(choices), config, read_metrics(run_dir), status)
+    metrics = read_metrics(run_dir) | read_eval_results(run_dir / "eval" / "results.csv")
+    return Run(run_dir, overrides, dict(choices), config, metrics, status)
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
@@ -116,6 +119,23 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
             if key and value is not None:
                 last[key] = value
     return last
+
+
+def read_eval_results(path: Path, model: str = "checkpoint") -> dict[str, float]:
+    """Probe scores written by ``ssl-path-eval ... output=<run>/eval`` (``results.csv``), as
+    ``eval/<dataset>/<probe>/<score>`` (means only; the baselines' rows are left out)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("model") != model:
+                continue
+            for key, raw in row.items():
+                value = _to_float(raw)
+                if key.endswith("_mean") and value is not None:
+                    out[f"eval/{row['dataset']}/{row['probe']}/{key[: -len('_mean')]}"] = value
+    return out
 
 
 def _to_float(raw: object) -> float | None:
@@ -253,7 +273,7 @@ def summarise(run: Run, metric: str | None) -> Row:
         images_seen=images,
         pflops=round(flops / 1e15, 6) if flops else None,
         metric=value,
-        status=_status(run, step, value),
+        status=_status(run, step),
         run_dir=str(run.run_dir),
     )
 
@@ -265,16 +285,14 @@ def _first(metrics: dict[str, float], keys: Sequence[str]) -> float | None:
     return None
 
 
-def _status(run: Run, step: float | None, value: float | None) -> str:
-    """done (trained to max_steps, metric found), stopped (graceful stop, will resume), incomplete."""
-    if run.status.get("status") == "stopped":
-        return "stopped"
-    if value is None:
+def _status(run: Run, step: float | None) -> str:
+    """done (trained to max_steps), stopped (graceful stop: a relaunch resumes it), incomplete."""
+    if run.status.get("status") in ("stopped", "finished"):
+        return {"stopped": "stopped", "finished": "done"}[run.status["status"]]
+    if step is None:
         return "incomplete"
-    if run.status.get("status") == "finished":
-        return "done"
     max_steps = _to_float(_get(run.config, "trainer.max_steps"))
-    if max_steps is None or max_steps < 0 or step is None:
+    if max_steps is None or max_steps < 0:
         return "done"
     # Without status.json: the CSV's last logged step is at most max_steps - 1.
     return "done" if step >= max_steps - 1 else "incomplete"

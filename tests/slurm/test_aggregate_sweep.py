@@ -116,3 +116,36 @@ def test_expect_overrides_grid_and_cli(agg, tmp_path, capsys):
 def test_missing_sweep_dir_is_a_clear_error(agg, tmp_path):
     with pytest.raises(FileNotFoundError, match="sweep directory not found"):
         agg.aggregate(tmp_path / "nope", tmp_path / "out")
+
+
+def test_sweeper_params_grid_eval_results_and_status(agg, tmp_path):
+    """The grid from the config's hydra.sweeper.params (command line wins); ssl-path-eval results are
+    read from <run>/eval/results.csv and its own hydra dir is not a run; status.json decides status."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    multirun = {
+        "hydra": {
+            "sweeper": {"params": {"model": "vit_tiny,vit_s16", "data.tier": "0.5,1.0"}},
+            "overrides": {"task": ["experiment=scaling_smoke", "data.tier=1.0,0.25"]},
+        }
+    }
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    run = _make_run(sweep, "vit_tiny", "1.0", [{"step": 1, "loss/total": 9.0}], max_steps=6)
+    (run / "status.json").write_text('{"status": "stopped", "global_step": 2, "signal": "SIGUSR1"}\n')
+    (run / "eval" / "hydra" / ".hydra").mkdir(parents=True)
+    (run / "eval" / "hydra" / ".hydra" / "config.yaml").write_text("output: x\n")
+    (run / "eval" / "results.csv").write_text(
+        "dataset,model,probe,n,accuracy_mean,accuracy_std\n"
+        "kather,checkpoint,knn10,5,0.61,0.05\n"
+        "kather,colour_histogram,knn10,5,0.70,0.04\n"
+    )
+    result = agg.aggregate(sweep, tmp_path / "out")
+    assert len(result["rows"]) == 1  # <run>/eval/hydra is not a second run
+    row = result["rows"][0]
+    assert result["metric"] == "eval/kather/knn10/accuracy"
+    assert row.metric == pytest.approx(0.61)  # the checkpoint's row, not the baseline's
+    assert row.status == "stopped" and row.step == 2
+    assert row.images_seen == 2 * 2
+    grid = {(p["model"], p["data.tier"]) for p in agg.expected_grid(sweep, None)}
+    assert grid == {(m, t) for m in ("vit_tiny", "vit_s16") for t in ("1.0", "0.25")}
+    assert len(result["missing"]) == 3
