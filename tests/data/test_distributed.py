@@ -19,10 +19,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-STEPS = 7
+STEPS, SAVE_AT = 7, 4
 
 
-def _rank_main(rank: int, world: int, root: str, port: int, queue: mp.Queue) -> None:
+def _rank_main(rank: int, world: int, root: str, port: int, queue: mp.Queue, resume: dict | None) -> None:
+    """Run STEPS lockstep steps (or STEPS - SAVE_AT after loading ``resume``); report batches and state."""
     from ssl_path.data import MultiCropConfig, SSLDataModule
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,21 +40,45 @@ def _rank_main(rank: int, world: int, root: str, port: int, queue: mp.Queue) -> 
         prefetch_factor=1,
     )
     dm.setup("fit")
-    prints = []
+    if resume is not None:
+        dm.load_state_dict(resume)
+    steps = STEPS - SAVE_AT if resume is not None else STEPS
+    prints, state = [], None
     for batch in dm.train_dataloader():
         batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
         step = torch.ones(1)
         dist.all_reduce(step)  # a DDP step: both ranks must arrive
         prints.append(batch["global_crops"][:, 0, 100, 100:110].flatten().tolist())
-        if len(prints) == STEPS:
+        if len(prints) == SAVE_AT:
+            state = dm.state_dict()  # a collective, as in Lightning's checkpoint dump
+        if len(prints) == steps:
             break
-    state = dm.state_dict()
     everyone: list = [None] * world
     dist.all_gather_object(everyone, prints)
     if rank == 0:
         queue.put((everyone, state))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _run(root: Path, resume: dict | None = None) -> tuple[list, dict | None]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")  # CPU-only gloo: fork skips re-importing torch and lightning
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(root), port, queue, resume)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        result = queue.get(timeout=240)  # a hang fails here instead of blocking the suite
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return result
 
 
 @pytest.fixture
@@ -71,26 +96,15 @@ def two_shard_root(tiled_root: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_two_ranks_three_workers_two_shards_no_hang(two_shard_root: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # CPU-only gloo: fork skips re-importing torch and lightning
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(two_shard_root), port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        everyone, state = queue.get(timeout=240)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+def test_two_ranks_three_workers_two_shards_no_hang_and_resume(two_shard_root: Path) -> None:
+    everyone, state = _run(two_shard_root)
     assert [len(r) for r in everyone] == [STEPS, STEPS]
     first_per_stream = [tuple(everyone[r][w]) for r in range(2) for w in range(3)]
     assert len(set(first_per_stream)) == 6  # 2 ranks x 3 workers: six different streams
     assert set(state["cursors"]) == {"0", "1"}
     assert all(set(c) == {"0", "1", "2"} for c in state["cursors"].values())
-    assert state["consumed"] == STEPS and state["world_size"] == 2
+    assert state["consumed"] == SAVE_AT and state["world_size"] == 2
+    # every rank resumes its own streams from the one (rank-0) checkpointed state
+    resumed, _ = _run(two_shard_root, resume=state)
+    for rank in range(2):
+        assert resumed[rank] == everyone[rank][SAVE_AT:], rank
