@@ -51,8 +51,8 @@ class TilingConfig:
     min_saturation: float = 0.07
     min_texture: float = 1.5
     resample: str = "bilinear"
-    read_block: int = 4
-    threads: int = 4
+    read_block: int = 2
+    threads: int = 2
 
     def __post_init__(self) -> None:
         mpps = (self.target_mpps,) if isinstance(self.target_mpps, int | float) else self.target_mpps

@@ -1,13 +1,17 @@
 """manifest.json: the tiling config, one entry per shard and one per slide (see docs/interfaces.md).
 
 Written atomically (temp file + ``os.replace``) after every finished slide, so it always describes
-shards that exist and a re-run knows which slides are done.
+shards that exist and a re-run knows which slides are done. ``update_manifest`` merges under a file
+lock, so several tilers (e.g. the tasks of a SLURM array job) can share one output folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
@@ -49,3 +53,37 @@ def save_manifest(output: Path, manifest: dict) -> Path:
         f.write("\n")
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def manifest_lock(output: Path) -> Iterator[None]:
+    """Exclusive advisory lock (``flock``) on ``output/.manifest.lock`` for read-merge-write cycles."""
+    with (Path(output) / ".manifest.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_config(output: Path, manifest: dict | None, config: dict) -> None:
+    """Refuse to mix tiles of two tiling configs in one output folder."""
+    if manifest is not None and manifest.get("config") != config:
+        raise ValueError(
+            f"{output} holds tiles made with another tiling config {manifest.get('config')}; "
+            f"use a new output folder for {config}"
+        )
+
+
+def update_manifest(
+    output: Path, config: dict, entries: dict[str, dict], last_run: dict | None = None
+) -> dict:
+    """Merge slide ``entries`` into the manifest on disk (other entries kept) and save it, under the lock."""
+    with manifest_lock(output):
+        current = load_manifest(output)
+        check_config(output, current, config)
+        slides = dict(current["slides"]) if current else {}
+        slides.update(entries)
+        manifest = build_manifest(config, slides, last_run)
+        save_manifest(output, manifest)
+    return manifest

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
 from ssl_path.tiling.inputs import slide_ids
-from ssl_path.tiling.manifest import build_manifest, load_manifest, save_manifest
+from ssl_path.tiling.manifest import check_config, load_manifest, update_manifest
 from ssl_path.tiling.reader import best_level, map_tiles, read_thumbnail
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import mask_coverage, thumbnail_tissue_mask, tile_tissue_fraction
@@ -143,11 +143,25 @@ def _tile_at_mpp(
     return {"level": level, "grid": [len(grid.xs), len(grid.ys)], "candidates": len(candidates), "tiles": n}
 
 
+def failed_entry(source: str | Path, reason: str | None) -> dict:
+    """A manifest slide entry with status ``failed`` (the starting point of every entry)."""
+    return {
+        "source": str(source),
+        "status": "failed",
+        "reason": reason,
+        "tiles": 0,
+        "mpp": None,
+        "mpp_source": None,
+        "warnings": [],
+        "shards": [],
+        "per_mpp": {},
+    }
+
+
 def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: TilingConfig) -> dict:
     """Tile one slide into ``output/shards``; returns its manifest entry (never raises for a bad slide)."""
     start = time.perf_counter()
-    entry: dict = {"source": str(source), "status": "failed", "reason": None, "tiles": 0, "mpp": None}
-    entry |= {"mpp_source": None, "warnings": [], "shards": [], "per_mpp": {}}
+    entry = failed_entry(source, None)
     writer = None
     try:
         with open_slide(source) as slide:
@@ -180,11 +194,8 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
 
 
 def _is_done(entry: dict | None, shards_dir: Path) -> bool:
-    return (
-        bool(entry)
-        and entry["status"] == "ok"
-        and all((shards_dir / s["path"]).is_file() for s in entry["shards"])
-    )
+    shards_present = entry is not None and all((shards_dir / s["path"]).is_file() for s in entry["shards"])
+    return shards_present and entry["status"] == "ok"
 
 
 def _run_slides(
@@ -205,20 +216,15 @@ def _run_slides(
             try:
                 yield sid, fut.result()
             except Exception as e:  # noqa: BLE001 - a crashed worker fails its slide, not the run
-                yield (
-                    sid,
-                    {
-                        "source": str(path),
-                        "status": "failed",
-                        "reason": f"worker crashed: {e!r}",
-                        "tiles": 0,
-                        "mpp": None,
-                        "mpp_source": None,
-                        "warnings": [],
-                        "shards": [],
-                        "per_mpp": {},
-                    },
-                )
+                yield sid, failed_entry(path, f"worker crashed: {e!r}")
+
+
+def _report(sid: str, entry: dict) -> None:
+    for message in entry["warnings"]:
+        log.warning(message)
+        warnings.warn(message, TilingWarning, stacklevel=3)
+    if entry["status"] == "failed":
+        log.warning("slide %s failed: %s", sid, entry["reason"])
 
 
 def tile_slides(
@@ -231,40 +237,30 @@ def tile_slides(
     """Tile ``slides`` into ``output`` (``shards/*.tar`` + ``manifest.json``) and return the manifest.
 
     Slides already ``ok`` in an existing manifest are skipped; failed or missing ones are (re)done. The
-    manifest's ``last_run`` counts this call's ok / failed / skipped slides and tiles written.
+    manifest's ``last_run`` counts this call's ok / failed / skipped slides and tiles written. Several
+    calls may share ``output`` at once (each slide must belong to one of them).
     """
     output = Path(output)
     shards_dir = output / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(cfg.to_dict()))
     prior = load_manifest(output)
-    if prior is not None and prior.get("config") != config:
-        raise ValueError(
-            f"{output} holds tiles made with another tiling config {prior.get('config')}; "
-            f"use a new output folder for {config}"
-        )
-    entries: dict[str, dict] = dict(prior["slides"]) if prior else {}
+    check_config(output, prior, config)
+    done = prior["slides"] if prior else {}
     ids = slide_ids([Path(s).resolve() for s in slides])
-    todo = {sid: p for sid, p in ids.items() if not _is_done(entries.get(sid), shards_dir)}
+    todo = {sid: p for sid, p in ids.items() if not _is_done(done.get(sid), shards_dir)}
     counts = {"ok": 0, "failed": 0, "skipped": len(ids) - len(todo), "tiles_written": 0}
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="tiling slides", unit="slide", disable=not progress) as bar:
         for sid, entry in _run_slides(todo, output, cfg, workers):
-            entries[sid] = entry
             counts[entry["status"]] += 1
             counts["tiles_written"] += entry["tiles"]
-            for message in entry["warnings"]:
-                log.warning(message)
-                warnings.warn(message, TilingWarning, stacklevel=2)
-            if entry["status"] == "failed":
-                log.warning("slide %s failed: %s", sid, entry["reason"])
-            save_manifest(output, build_manifest(config, entries))
+            _report(sid, entry)
+            update_manifest(output, config, {sid: entry})
             bar.update(1)
             bar.set_postfix(tiles=counts["tiles_written"], failed=counts["failed"])
     counts["seconds"] = round(time.perf_counter() - start, 3)
-    manifest = build_manifest(config, entries, last_run=counts)
-    save_manifest(output, manifest)
-    return manifest
+    return update_manifest(output, config, {}, last_run=counts)
 
 
 def summary_line(manifest: dict, output: str | Path) -> str:

@@ -39,14 +39,14 @@ def best_level(slide: openslide.OpenSlide, downsample: float) -> int:
     return int(slide.get_best_level_for_downsample(downsample * 1.01))
 
 
-def rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 RGBA (openslide: not premultiplied) → (H, W, 3) uint8 composited onto white."""
-    alpha = rgba[..., 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha[..., None].astype(np.float32) / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+def rgb_on_white(image: Image.Image) -> Image.Image:
+    """RGBA from openslide (not premultiplied; transparent outside the scanned area) → RGB on white."""
+    if image.mode == "RGB":
+        return image
+    image = image.convert("RGBA")
+    if image.getextrema()[3][0] < 255:  # some transparency: composite, never leave it black
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
 
 
 def _block_tiles(
@@ -78,13 +78,12 @@ def _block_tiles(
     x0, y0 = int(round(lx0 * ds)), int(round(ly0 * ds))
     w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent) / ds)) + margin, lw) - lx0
     h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent) / ds)) + margin, lh) - ly0
-    rgb = rgba_to_rgb_white(np.asarray(slide.read_region((x0, y0), level, (w, h))))
-    block = None if crop else Image.fromarray(rgb)
+    block = rgb_on_white(slide.read_region((x0, y0), level, (w, h)))
     out = []
     for k, r, c in zip(members, rows, cols, strict=True):
         bx, by = (grid.xs[c] - x0) / ds, (grid.ys[r] - y0) / ds
         if crop:
-            tile = rgb[int(by) : int(by) + size, int(bx) : int(bx) + size]
+            tile = np.asarray(block.crop((int(bx), int(by), int(bx) + size, int(by) + size)))
         else:
             # Resample from a local crop so the arithmetic does not depend on where the block starts.
             cx, cy = max(int(np.floor(bx)) - margin, 0), max(int(np.floor(by)) - margin, 0)
@@ -169,5 +168,6 @@ def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int]) -> np.ndar
             image = thumb
     if image is None:
         image = slide.read_region((0, 0), level, slide.level_dimensions[level])
-    rgb = Image.fromarray(rgba_to_rgb_white(np.asarray(image.convert("RGBA"))))
-    return np.asarray(rgb.resize((max(1, round(w0 / ds)), max(1, round(h0 / ds))), Image.Resampling.BOX))
+    return np.asarray(
+        rgb_on_white(image).resize((max(1, round(w0 / ds)), max(1, round(h0 / ds))), Image.Resampling.BOX)
+    )

@@ -52,7 +52,7 @@ class SlideShardWriter:
         if self._writer is None:  # lazily: ShardWriter opens a file on construction
             pattern = str(self.tmp_dir / f"{self.slide_id}-%06d.tar")
             self._writer = wds.ShardWriter(
-                pattern, maxcount=self.max_count, maxsize=self.max_size, verbose=0, mtime=0.0
+                pattern, maxcount=self.max_count, maxsize=self.max_size, verbose=0, mtime=0
             )
         self._writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta, sort_keys=True).encode()})
         self._counts[self._writer.fname] = self._counts.get(self._writer.fname, 0) + 1

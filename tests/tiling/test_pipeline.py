@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,24 @@ def test_tcga_tiles_via_fallback_with_warning(slides_dir: Path, tmp_path: Path) 
     assert entry["status"] == "ok" and entry["mpp_source"] == "fallback" and entry["mpp"] == 0.25
     assert entry["tiles"] > 20 and entry["per_mpp"]["0.5"]["level"] == 1  # 2x downsample → level 1
     assert any("fallback_mpp" in w for w in entry["warnings"])
+
+
+@pytest.mark.filterwarnings("ignore::ssl_path.tiling.TilingWarning")
+@pytest.mark.parametrize("name", [CMU, TCGA])
+def test_thumbnail_mask_skips_background_but_no_tissue_tile(
+    slides_dir: Path, tmp_path: Path, name: str
+) -> None:
+    everything = tile_slides(
+        [slides_dir / name], tmp_path / "a", _cfg(mask_min_coverage=0.0, fallback_mpp=0.25)
+    )
+    masked = tile_slides([slides_dir / name], tmp_path / "m", _cfg(fallback_mpp=0.25), progress=False)
+    (e,), (m,) = everything["slides"].values(), masked["slides"].values()
+    assert m["per_mpp"]["0.5"]["candidates"] < 0.9 * e["per_mpp"]["0.5"]["candidates"]  # background not read
+    keys = [
+        {s["__key__"] for s in _samples(root, man)}
+        for root, man in ((tmp_path / "a", everything), (tmp_path / "m", masked))
+    ]
+    assert keys[0] == keys[1] and len(keys[0]) > 40
 
 
 def test_slide_without_mpp_or_fallback_fails_with_reason(slides_dir: Path, tmp_path: Path) -> None:
@@ -179,6 +198,15 @@ def test_changed_config_refuses_to_mix(slides_dir: Path, tmp_path: Path) -> None
         tile_slides([slides_dir / CMU], tmp_path, _cfg(tile_size=256), progress=False)
 
 
-def test_manifest_is_written_atomically(slides_dir: Path, tmp_path: Path) -> None:
-    tile_slides([slides_dir / CMU], tmp_path, _cfg(), progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "shards"]
+def test_concurrent_tilers_share_one_output(slides_dir: Path, tmp_path: Path) -> None:
+    """Two tilers (as in a SLURM array job) writing one folder: the merged manifest has both slides."""
+    jobs = [[slides_dir / CMU], [slides_dir / TIFF]]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda s: tile_slides(s, tmp_path, _cfg(), progress=False), jobs))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {k: v["status"] for k, v in manifest["slides"].items()} == {
+        "CMU-1-Small-Region": "ok",
+        "CMU-1-Small-Region-pyramid": "ok",
+    }
+    assert len(_samples(tmp_path, manifest)) == 100
+    assert sorted(os.listdir(tmp_path)) == [".manifest.lock", "manifest.json", "shards"]  # no temp leftovers
