@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from itertools import islice
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from ssl_path.data import (
     select_shards,
     select_slides,
 )
+
+from .conftest import real_samples, write_shard
 
 
 def _keys(
@@ -149,3 +152,27 @@ def test_resume_with_other_worker_count_warns_and_reseeds(tiled_root: Path) -> N
         resumed.load_state_dict(first.state_dict())
     fresh = _fingerprints(resumed, 2)
     assert not any(torch.equal(a, b) for a in seen for b in fresh)
+
+
+def test_mixed_shard_is_filtered_to_the_tier(tiled_root: Path, tmp_path: Path) -> None:
+    """A shard holding two slides: a one-slide tier streams only that slide's samples from it."""
+    samples = real_samples(tiled_root, 200)
+    by_slide: dict[str, list] = {}
+    for s in samples:
+        by_slide.setdefault(json.loads(s["json"])["slide_id"], []).append(s)
+    assert len(by_slide) == 2
+    mixed = [s for pair in zip(*(v[:10] for v in by_slide.values()), strict=True) for s in pair]
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "mixed-000000.tar", mixed)
+    manifest = load_manifest(tiled_root)
+    manifest["shards"] = [
+        {"path": "shards/mixed-000000.tar", "num_samples": 20, "slide_ids": sorted(by_slide)}
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    one = select_slides(manifest, 1)
+    shards = select_shards(manifest, tmp_path, one)
+    assert shards[0].keep == frozenset(one)
+    ts = TileStream(shards, 0, 0, 0, shards_per_chunk=2, window=6, counter=SkipCounter())
+    keys = [s["__key__"] for s, _, _ in islice(ts.samples(), 30)]
+    assert {k.rsplit("_", 3)[0] for k in keys} == set(one)
+    assert len(set(keys)) == 10
