@@ -51,7 +51,8 @@ def select_slides(manifest: dict, tier: float | int | Sequence[str], tier_seed: 
     Args:
         manifest: as returned by :func:`load_manifest`; slides with status "ok" and tiles > 0 count.
         tier: a float in (0, 1] (fraction of slides, rounded up, at least one), an int >= 1 (that many
-            slides), or a list of slide ids (exactly those; unknown ids are an error).
+            slides), or a list of slide ids (exactly those; unknown ids are an error; a lone string is
+            one slide id).
         tier_seed: changes the slide order (and so which slides a fraction picks).
     """
     usable = [
@@ -70,7 +71,7 @@ def select_slides(manifest: dict, tier: float | int | Sequence[str], tier_seed: 
         if not 1 <= tier <= len(order):
             raise ValueError(f"tier asks for {tier} slides; the manifest has {len(order)} usable")
         return order[:tier]
-    names = [str(s) for s in tier]
+    names = [tier] if isinstance(tier, str) else [str(s) for s in tier]
     unknown = sorted(set(names) - set(usable))
     if unknown:
         raise ValueError(f"tier names slides not usable in the manifest: {unknown}")

@@ -42,6 +42,7 @@ def test_tiers_do_not_depend_on_manifest_order_and_seed_changes_them() -> None:
 def test_named_tier_and_errors() -> None:
     m = _manifest(12)
     assert set(select_slides(m, ["slide-003", "slide-007"])) == {"slide-003", "slide-007"}
+    assert select_slides(m, "slide-003") == ["slide-003"]
     with pytest.raises(ValueError, match="not usable"):
         select_slides(m, ["slide-003", "failed-one"])
     with pytest.raises(ValueError, match="fractional"):
