@@ -138,7 +138,7 @@ def _resized_crop_boxes(
 def _translate_boxes(rng: np.random.Generator, hw: np.ndarray, size: int) -> np.ndarray:
     """Virchow2 extended-context crop: a fixed ``size`` field of view at a uniform offset (no rescale).
 
-    Tiles smaller than ``size`` give their largest centred square, later resized up. Returns (N, 4).
+    Tiles smaller than ``size`` give their largest square (random offset), resized up. Returns (N, 4).
     """
     side = np.minimum(np.minimum(hw[:, 0], hw[:, 1]), size).astype(np.float64)
     u = rng.random(size=(hw.shape[0], 2))
