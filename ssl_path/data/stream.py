@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_path.data.decode import DecodeError, decode_tile
 from ssl_path.data.manifest import ShardRef
@@ -70,6 +69,9 @@ def _tar_reason(exn: Exception) -> tuple[str, bool]:
 
 def iter_shard(path: str, counter: SkipCounter) -> Iterator[dict]:
     """Samples (``__key__``, ``jpg``, ``json`` ...) of one tar; reading stops at the first tar error."""
+
+    # imported here so that the augmentation code (and scripts/bench_data.py) runs without webdataset
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exn: Exception) -> bool:
         reason, keep_going = _tar_reason(exn)
