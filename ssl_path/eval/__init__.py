@@ -1,6 +1,9 @@
 """Frozen-feature evaluation (kNN, linear probe, colour-histogram baseline) and backbone export."""
 
+from ssl_path.eval.backbone import load_backbone
+from ssl_path.eval.callback import PeriodicEval
 from ssl_path.eval.datasets import ImageDataset, Split, TileSet, load_tile_set, make_splits
+from ssl_path.eval.export import export_backbone
 from ssl_path.eval.features import extract_features, pool_tokens
 from ssl_path.eval.histogram import colour_histogram
 from ssl_path.eval.probes import classification_metrics, knn_predict, linear_probe_predict
@@ -9,6 +12,7 @@ from ssl_path.eval.runner import FeatureConfig, SplitConfig, evaluate_tile_set, 
 
 __all__ = [
     "FeatureConfig",
+    "PeriodicEval",
     "ImageDataset",
     "ProbeConfig",
     "Split",
@@ -18,9 +22,11 @@ __all__ = [
     "colour_histogram",
     "evaluate_features",
     "evaluate_tile_set",
+    "export_backbone",
     "extract_features",
     "knn_predict",
     "linear_probe_predict",
+    "load_backbone",
     "load_tile_set",
     "make_splits",
     "pool_tokens",

@@ -32,7 +32,7 @@ import timm
 from safetensors.torch import save_file
 from torch import nn
 
-from ssl_path.eval.backbone import build_backbone, load_weights, resolve_checkpoint
+from ssl_path.eval.backbone import build_backbone, checkpoint_file, load_weights, resolve_checkpoint
 from ssl_path.eval.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_path.models import Backbone, export_filter
 
@@ -153,7 +153,7 @@ def export_backbone(
         load_weights(backbone, resolved.weights)
     if mean is None or std is None:
         mean, std = resolved.normalisation or (IMAGENET_MEAN, IMAGENET_STD)
-    source = str(checkpoint) if checkpoint is not None else None
+    source = str(checkpoint_file(checkpoint).resolve()) if checkpoint is not None else None
     config = timm_config(backbone, resolved.spec, mean, std, crop_pct, interpolation, source)
     return write_export(backbone, config, out_dir)
 

@@ -66,3 +66,23 @@ def test_summarise_mean_and_sample_std(tmp_path):
     write_csv(s, tmp_path / "s.csv")
     back = read_csv(tmp_path / "s.csv")
     assert float(back[1]["balanced_accuracy_mean"]) == pytest.approx(0.3) and back[0]["model"] == "m"
+
+
+def test_extract_features_restores_the_mode_and_pools_tokens(kather_dir):
+    import torch
+
+    from ssl_path.eval.datasets import ImageDataset, load_tile_set
+    from ssl_path.eval.features import extract_features
+    from ssl_path.eval.transforms import eval_transform
+    from ssl_path.models import create_backbone
+
+    tiles = load_tile_set(kather_dir)
+    ds = ImageDataset(tiles.paths[:3], tiles.labels[:3], eval_transform(32))
+    bb = create_backbone("vit_tiny", img_size=32).train()
+    x, y = extract_features(bb, ds, batch_size=2, pooling="cls+mean")
+    assert bb.training and x.shape == (3, 384) and x.dtype == np.float32 and y.tolist() == [0, 0, 0]
+    with torch.no_grad():
+        out = bb.eval()(torch.stack([ds[i][0] for i in range(3)]))
+    np.testing.assert_allclose(x[:, 192:], out["patch"].mean(1).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        extract_features(bb, ds, pooling="gap")

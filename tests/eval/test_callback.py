@@ -1,0 +1,90 @@
+"""PeriodicEval inside a real Lightning fit: when it runs, what it logs, that it leaves training alone."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from ssl_path.eval.callback import PeriodicEval
+from ssl_path.eval.protocol import ProbeConfig
+from ssl_path.eval.runner import FeatureConfig, SplitConfig
+from ssl_path.models import create_backbone
+from tests.eval.test_evaluate import small_tile_set
+
+
+class TinyTeacherModule(L.LightningModule):
+    """Holds ``teacher.backbone`` like DINOv2Module; trains an unrelated scalar so steps are cheap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = nn.ModuleDict({"backbone": create_backbone("vit_tiny", img_size=32)})
+        self.teacher.requires_grad_(False)
+        self.w = nn.Parameter(torch.zeros(1))
+        self.run_config = {"data": {"augmentation": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}}
+
+    def on_train_start(self) -> None:
+        self.teacher.eval()  # as DINOv2Module does; the callback must leave it so
+
+    def training_step(self, batch, batch_idx):
+        assert not self.teacher.training
+        return ((self.w - batch[0]) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.w], lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(64, 1)), batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def tiles(kather_dir, tmp_path_factory):
+    return small_tile_set(kather_dir, tmp_path_factory.mktemp("cb") / "kather-mini", per_class=2)
+
+
+def make_callback(tiles, **kwargs) -> PeriodicEval:
+    return PeriodicEval(
+        datasets={"mini": str(tiles)},
+        every_n_steps=2,
+        probes=ProbeConfig(knn_k=(3,), linear=False),
+        split=SplitConfig(kind="kfold", n_folds=2, seeds=(0,)),
+        features=FeatureConfig(batch_size=16),
+        **kwargs,
+    )
+
+
+def test_runs_every_n_optimiser_steps_and_logs_to_the_loggers(tiles, tmp_path):
+    callback = make_callback(tiles)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=0)
+    trainer = L.Trainer(
+        max_steps=5, max_epochs=-1, accumulate_grad_batches=2, callbacks=[callback], logger=logger,
+        accelerator="cpu", devices=1, enable_progress_bar=False, enable_checkpointing=False,
+    )  # fmt: skip
+    module = TinyTeacherModule()
+    trainer.fit(module)
+    # optimiser steps 2 and 4 (not every micro-batch), then the end of training at step 5
+    assert [h["step"] for h in callback.history] == [2, 4, 5]
+    keys = {"eval/mini/knn3_accuracy", "eval/mini/knn3_balanced_accuracy", "eval/mini/knn3_macro_f1"}
+    assert keys <= set(callback.history[0])
+    assert all(0 <= callback.history[-1][k] <= 1 for k in keys)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("eval/mini/knn3_accuracy")]
+    assert [int(r["step"]) for r in logged] == [2, 4, 5]
+    assert module.w.item() != 0.0  # training ran; training_step asserted the teacher stayed in eval mode
+    # the teacher's weights do not change here, so every evaluation gives the same numbers
+    assert callback.history[0]["eval/mini/knn3_accuracy"] == callback.history[-1]["eval/mini/knn3_accuracy"]
+
+
+def test_bad_settings_fail_early(tiles, tmp_path):
+    with pytest.raises(ValueError, match="every_n_steps"):
+        make_callback(tiles).__class__(datasets={"a": str(tiles)}, every_n_steps=0)
+    with pytest.raises(ValueError, match="at least one"):
+        PeriodicEval(datasets={})
+    callback = PeriodicEval(datasets={"missing": str(tmp_path / "nope")})
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="nope"):
+        trainer.fit(TinyTeacherModule())
