@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ssl_path.tiling import find_slides, summary_line, tile_slides
+from ssl_path.tiling import find_slides, summary_line, task_slides, tile_slides
 
 log = logging.getLogger(__name__)
 # An absolute path: hydra resolves a relative one against the *package* when run as a console script.
@@ -20,14 +20,15 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def run(cfg: DictConfig) -> dict:
-    """Tile the slides named by ``cfg.input`` into ``cfg.output``; returns the manifest (``last_run``
-    holds this run's counts) after printing the summary line."""
+    """Tile the slides named by ``cfg.input`` (this task's share of them) into ``cfg.output``; returns
+    the manifest (``last_run`` holds this run's counts) after printing the summary line."""
     tiling = hydra.utils.instantiate(cfg.tiling, _convert_="all")
-    slides = find_slides(cfg.input, list(cfg.extensions))
-    if not slides:
+    found = find_slides(cfg.input, list(cfg.extensions))
+    if not found:
         raise FileNotFoundError(
             f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
         )
+    slides = task_slides(found, int(cfg.task_index), int(cfg.num_tasks))
     manifest = tile_slides(
         slides, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
     )

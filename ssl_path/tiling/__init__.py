@@ -2,7 +2,7 @@
 
 from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.grid import TileGrid, tile_grid
-from ssl_path.tiling.inputs import SLIDE_EXTENSIONS, find_slides, slide_ids
+from ssl_path.tiling.inputs import SLIDE_EXTENSIONS, find_slides, slide_ids, task_slides
 from ssl_path.tiling.manifest import MANIFEST_NAME, load_manifest
 from ssl_path.tiling.pipeline import TilingWarning, summary_line, tile_slide, tile_slides
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
@@ -22,6 +22,7 @@ __all__ = [
     "resolve_mpp",
     "slide_ids",
     "summary_line",
+    "task_slides",
     "thumbnail_tissue_mask",
     "tile_grid",
     "tile_slide",

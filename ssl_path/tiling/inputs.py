@@ -79,3 +79,13 @@ def slide_ids(paths: Sequence[Path]) -> dict[str, Path]:
         sid = stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
         out[sid] = Path(p)
     return out
+
+
+def task_slides(slides: Sequence[Path], task_index: int, num_tasks: int) -> list[Path]:
+    """The share of one task of an array job (e.g. SLURM ``--array=0-(num_tasks-1)``): every
+    ``num_tasks``-th slide of the sorted list, starting at ``task_index``; the shares partition the list."""
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise ValueError(
+            f"need 0 <= task_index < num_tasks, got task_index={task_index}, num_tasks={num_tasks}"
+        )
+    return sorted(slides)[task_index::num_tasks]

@@ -45,6 +45,16 @@ def test_run_on_a_glob_with_overrides(slides_dir: Path, tmp_path: Path) -> None:
     assert manifest["config"]["tile_size"] == 256 and not all_failed(manifest)
 
 
+def test_array_tasks_partition_the_slides_into_one_output(slides_dir: Path, tmp_path: Path) -> None:
+    common = [f"input={slides_dir}/CMU*", f"output={tmp_path}", "progress=false", "num_tasks=2"]
+    first = run(_compose([*common, "task_index=0"]))
+    second = run(_compose([*common, "task_index=1"]))
+    assert first["last_run"]["ok"] == second["last_run"]["ok"] == 1
+    assert set(second["slides"]) == {"CMU-1-Small-Region", "CMU-1-Small-Region-pyramid"}
+    with pytest.raises(ValueError, match="task_index"):
+        run(_compose([*common, "task_index=2"]))
+
+
 def test_find_slides_from_folder_csv_and_glob(slides_dir: Path, tmp_path: Path) -> None:
     names = [p.name for p in find_slides(slides_dir)]
     assert sorted(names) == sorted(
@@ -87,7 +97,7 @@ def test_console_script_on_the_bundled_slides(slides_dir: Path, tmp_path: Path) 
     assert manifest["slides"]["broken"]["status"] == "failed"
     assert manifest["slides"]["TCGA-CR-7395-01A-01-TS1"]["mpp_source"] == "fallback"
     assert "fallback_mpp" in proc.stderr  # the warning reaches the user
-    assert (out / "hydra" / ".hydra" / "config.yaml").is_file()  # provenance beside the tiles
+    assert (out / "hydra" / "task-0" / ".hydra" / "config.yaml").is_file()  # provenance beside the tiles
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 slide(s) ok, 1 failed, 3 skipped" in again.stdout
 
