@@ -147,10 +147,16 @@ class DINOv2Module(L.LightningModule):
         self.set_global_batch_size(self.batch_size * world)
 
     def configure_model(self) -> None:
-        if self.compile_blocks:
-            for model in (self.student, self.teacher):
-                for block in model["backbone"].vit.blocks:
-                    block.compile()
+        if not self.compile_blocks:
+            return
+        blocks = [b for m in (self.student, self.teacher) for b in m["backbone"].vit.blocks]
+        for block in blocks:
+            block.compile()  # in place: state-dict keys stay free of "_orig_mod."
+        # dynamo guards on each block's own constants (drop-path rate), crop shape and grad mode, so it
+        # needs a variant per (block, shape, mode); the default limit (8) would send most blocks to eager
+        dynamo = torch._dynamo.config
+        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, name, max(getattr(dynamo, name), 4 * len(blocks)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)
