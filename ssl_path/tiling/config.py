@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+# Fields that change speed, never the tiles: a resumed run may change them.
+RUNTIME_FIELDS = ("threads",)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class TilingConfig:
         object.__setattr__(self, "target_mpps", tuple(float(m) for m in mpps))
         if not self.target_mpps or any(not math.isfinite(m) or m <= 0 for m in self.target_mpps):
             raise ValueError(f"target_mpps must be positive numbers, got {self.target_mpps}")
-        if len(set(self.target_mpps)) != len(self.target_mpps):
-            raise ValueError(f"target_mpps has duplicates: {self.target_mpps}")
+        if len({round(m * 1000) for m in self.target_mpps}) != len(self.target_mpps):
+            raise ValueError(f"target_mpps must differ by at least 1 nm/px: {self.target_mpps}")
         _check(self.tile_size >= 8, f"tile_size must be >= 8, got {self.tile_size}")
         _check(0.0 <= self.tissue_threshold <= 1.0, "tissue_threshold must be in [0, 1]")
         _check(1 <= self.jpeg_quality <= 100, "jpeg_quality must be in [1, 100]")

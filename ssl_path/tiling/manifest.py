@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ssl_path.tiling.config import RUNTIME_FIELDS
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -67,8 +69,12 @@ def manifest_lock(output: Path) -> Iterator[None]:
 
 
 def check_config(output: Path, manifest: dict | None, config: dict) -> None:
-    """Refuse to mix tiles of two tiling configs in one output folder."""
-    if manifest is not None and manifest.get("config") != config:
+    """Refuse to mix tiles of two tiling configs (runtime-only fields aside) in one output folder."""
+
+    def tiles_config(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k not in RUNTIME_FIELDS}
+
+    if manifest is not None and tiles_config(manifest.get("config", {})) != tiles_config(config):
         raise ValueError(
             f"{output} holds tiles made with another tiling config {manifest.get('config')}; "
             f"use a new output folder for {config}"

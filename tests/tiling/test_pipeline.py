@@ -196,6 +196,8 @@ def test_changed_config_refuses_to_mix(slides_dir: Path, tmp_path: Path) -> None
     tile_slides([slides_dir / CMU], tmp_path, _cfg(), progress=False)
     with pytest.raises(ValueError, match="another tiling config"):
         tile_slides([slides_dir / CMU], tmp_path, _cfg(tile_size=256), progress=False)
+    again = tile_slides([slides_dir / CMU], tmp_path, _cfg(threads=5), progress=False)  # speed only: fine
+    assert again["last_run"]["skipped"] == 1
 
 
 def test_concurrent_tilers_share_one_output(slides_dir: Path, tmp_path: Path) -> None:
