@@ -90,3 +90,13 @@ def test_training_normalisation_travels_from_checkpoint_to_export(tmp_path):
     path = export_backbone(None, tmp_path / "rand", model="vit_tiny")
     pre = json.loads((path.parent / "config.json").read_text())["pretrained_cfg"]
     assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)  # nothing recorded: ImageNet statistics
+
+
+def test_export_starts_continued_pretraining(exported):
+    from ssl_path.models import create_backbone
+
+    teacher, path = exported
+    student = create_backbone("vit_tiny", reg_tokens=4, pretrained_path=str(path)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(student(x)["cls"], teacher(x)["cls"])
