@@ -1,9 +1,11 @@
-"""Reading tiles fast: one openslide call per block of tiles, tiles cut and scaled from it in memory.
+"""Reading tiles: one openslide call per block of tiles, tiles cut and scaled from it in memory.
 
-Reading ``read_block x read_block`` tiles at once (only the bounding box of the wanted tiles in the
-block) replaces hundreds of small ``read_region`` calls; each tile is then resampled from the block with
-a sub-pixel ``box`` so its level-0 coordinates are exact. Transparent pixels (outside the scanned area)
-are composited onto white, never black.
+The grid is cut into ``read_block x read_block`` blocks; for each block holding wanted tiles one
+region is read, from the block's grid-aligned corner to its last wanted tile, plus a margin as wide as
+the resampling filter. Each tile is resampled from its exact sub-pixel box, so level-0 coordinates are
+exact and a tile's pixels do not depend on which other tiles were read with it. Fewer, larger reads
+matter most for JPEG 2000 slides (TCGA), where openslide decodes whole native tiles. Transparent
+pixels (outside the scanned area) are composited onto white, never black.
 """
 
 from __future__ import annotations
