@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import lightning as L
 import pytest
@@ -88,3 +89,40 @@ def test_bad_settings_fail_early(tiles, tmp_path):
                         enable_checkpointing=False, accelerator="cpu")  # fmt: skip
     with pytest.raises(FileNotFoundError, match="nope"):
         trainer.fit(TinyTeacherModule())
+
+
+class RecordingEval(PeriodicEval):
+    """Writes, per rank, which evaluations produced results (ddp_spawn children cannot return state)."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir, self.calls = out_dir, []
+
+    def evaluate(self, trainer, pl_module):
+        summary = super().evaluate(trainer, pl_module)
+        self.calls.append([trainer.global_step, len(summary)])
+        return summary
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
+            json.dump(self.calls, f)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_only_rank_zero_evaluates(tiles, tmp_path):
+    callback = RecordingEval(
+        str(tmp_path), datasets={"mini": str(tiles)}, every_n_steps=2,
+        probes=ProbeConfig(knn_k=(3,), linear=False), split=SplitConfig(kind="kfold", n_folds=2, seeds=(0,)),
+        features=FeatureConfig(batch_size=16),
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=4, max_epochs=-1, callbacks=[callback], logger=False, accelerator="cpu", devices=2,
+        strategy="ddp_spawn", enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(TinyTeacherModule())
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert [s for s, _ in rank0] == [s for s, _ in rank1] == [2, 4]  # both ranks reach every barrier
+    assert all(n == 1 for _, n in rank0) and all(n == 0 for _, n in rank1)  # only rank 0 computes
