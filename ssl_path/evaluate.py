@@ -9,6 +9,7 @@ hands them with the colour-histogram baseline to :func:`ssl_path.eval.run_evalua
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def run(cfg: DictConfig) -> list[dict]:
     models, normalisation = build_models(cfg)
     feats: FeatureConfig = instantiate(cfg.features, _convert_="all")
     if (feats.mean is None or feats.std is None) and normalisation is not None:
-        feats = FeatureConfig(**{**vars(feats), "mean": normalisation[0], "std": normalisation[1]})
+        feats = dataclasses.replace(feats, mean=normalisation[0], std=normalisation[1])
     return run_evaluation(
         tile_sets(cfg.datasets, cfg.data),
         models,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import LeaveOneOut, StratifiedKFold
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[i]) as im:
-            img = im.convert("RGB")
+        # No silent skip: a dropped tile would shift every feature row against labels.npy.
+        try:
+            with Image.open(self.paths[i]) as im:
+                img = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"cannot read tile {self.paths[i]}: {err}; remove or replace it") from err
         return self.transform(img), int(self.labels[i])

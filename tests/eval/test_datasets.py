@@ -97,3 +97,14 @@ def test_jpg_and_tif_tiles_load_through_the_eval_transform(kather_dir, tmp_path)
     x, y = ds[1]
     assert x.shape == (3, 112, 112) and x.dtype == torch.float32 and y == 1
     assert -3 < x.mean() < 3  # normalised, not raw 0..255
+
+
+def test_unreadable_tile_is_a_clear_error(kather_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(next((kather_dir / "6_adipose").iterdir()), tmp_path / "a" / "ok.png")
+    (tmp_path / "a" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    tiles = load_tile_set(tmp_path)
+    ds = ImageDataset(tiles.paths, tiles.labels, eval_transform(32))
+    assert ds[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="cannot read tile .*truncated.png"):
+        ds[1]

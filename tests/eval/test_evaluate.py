@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from ssl_path.eval.report import read_csv
 from ssl_path.eval.transforms import eval_transform
-from ssl_path.evaluate import run
+from ssl_path.evaluate import run, tile_sets
 from tests.eval.helpers import fake_lightning_checkpoint
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -143,6 +143,16 @@ def test_checkpoint_row_uses_teacher_and_training_normalisation(kather_dir, tmp_
     np.testing.assert_allclose(feats[0], expected, rtol=1e-4, atol=1e-5)
     rand = np.load(out / "tiles" / "random_init" / "features.npy")
     assert rand.shape == feats.shape and not np.allclose(rand, feats)  # same architecture, other weights
+
+
+def test_named_sets_and_the_command_line_root_are_both_evaluated(kather_dir):
+    cfg = compose_eval(
+        ["output=/unused", "model=vit_tiny", "eval/datasets@datasets=kather", "data.root=/x/y"]
+    )
+    sets = tile_sets(cfg.datasets, cfg.data)
+    assert list(sets) == ["kather2016-100", "y"] and sets["kather2016-100"].endswith("tiles/kather2016-100")
+    cfg = compose_eval(["output=/unused", "model=vit_tiny", "data.root=/x/y", "data.name=crc"])
+    assert tile_sets(cfg.datasets, cfg.data) == {"crc": "/x/y"}
 
 
 def test_cli_needs_a_backbone_and_a_dataset(tmp_path, kather_dir):
