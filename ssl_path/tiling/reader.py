@@ -163,9 +163,12 @@ def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int]) -> np.ndar
     ds = max(w0 / size[0], h0 / size[1], 1.0)
     level = slide.get_best_level_for_downsample(ds)
     image = None
-    if slide.level_downsamples[level] * 4 < ds and "thumbnail" in slide.associated_images:
-        thumb = slide.associated_images["thumbnail"]
-        same_aspect = abs(thumb.width / thumb.height - w0 / h0) < 0.01 * w0 / h0
+    if slide.level_downsamples[level] * 4 < ds:
+        try:  # one lookup: a membership test would decode the image once more
+            thumb = slide.associated_images["thumbnail"]
+        except KeyError:
+            thumb = None
+        same_aspect = thumb is not None and abs(thumb.width / thumb.height - w0 / h0) < 0.01 * w0 / h0
         if same_aspect and thumb.width * 2 >= size[0]:
             image = thumb
     if image is None:
