@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_path.tiling import open_slide, tile_grid
-from ssl_path.tiling.reader import best_level, read_tiles, rgb_on_white
+from ssl_path.tiling.reader import best_level, read_thumbnail, read_tiles, rgb_on_white
 
 
 def test_rgba_composited_onto_white_not_black(slides_dir: Path) -> None:
@@ -113,3 +113,14 @@ def test_tiles_do_not_depend_on_block_grouping(slides_dir: Path) -> None:
         full = dict(read_tiles(slide, grid, index, 1, read_block=4))
         some = dict(read_tiles(slide, grid, index[1::3], 1, read_block=4, threads=2))
         assert all(np.array_equal(full[1 + 3 * k], tile) for k, tile in some.items())
+
+
+def test_cheap_thumbnail_matches_openslides_own(slides_dir: Path) -> None:
+    """The svs (one level: associated thumbnail) and the TIFF (pyramid level 3) both give the slide's
+    thumbnail, close to openslide's ``get_thumbnail`` that decodes far more."""
+    for name in ("CMU-1-Small-Region.svs", "CMU-1-Small-Region-pyramid.tiff"):
+        with open_slide(slides_dir / name) as slide:
+            got = read_thumbnail(slide, (139, 186))
+            ref = np.asarray(slide.get_thumbnail((139, 186)).convert("RGB").resize(got.shape[1::-1]))
+        assert got.shape == (186, 139, 3)  # 2967 / 16 = 185.4, rounded up by the aspect-preserving size
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 6
