@@ -212,3 +212,20 @@ def test_concurrent_tilers_share_one_output(slides_dir: Path, tmp_path: Path) ->
     }
     assert len(_samples(tmp_path, manifest)) == 100
     assert sorted(os.listdir(tmp_path)) == [".manifest.lock", "manifest.json", "shards"]  # no temp leftovers
+
+
+def test_shard_size_limit_and_jpeg_quality(slides_dir: Path, tmp_path: Path) -> None:
+    small = _cfg(shard_max_count=1000, shard_max_size=60_000, jpeg_quality=95, max_tiles_per_slide=12)
+    manifest = tile_slides([slides_dir / CMU], tmp_path / "hq", small, progress=False)
+    sizes = [(tmp_path / "hq" / s["path"]).stat().st_size for s in manifest["shards"]]
+    assert len(sizes) > 2 and sum(s["num_samples"] for s in manifest["shards"]) == 12
+    largest_sample = max(len(s["jpg"]) + len(s["json"]) + 2048 for s in _samples(tmp_path / "hq", manifest))
+    assert all(
+        size <= 60_000 + largest_sample + 10_240 for size in sizes
+    )  # a shard closes once over the limit
+    low = tile_slides(
+        [slides_dir / CMU], tmp_path / "lq", _cfg(jpeg_quality=30, max_tiles_per_slide=12), progress=False
+    )
+    hq = {s["__key__"]: len(s["jpg"]) for s in _samples(tmp_path / "hq", manifest)}
+    lq = {s["__key__"]: len(s["jpg"]) for s in _samples(tmp_path / "lq", low)}
+    assert hq.keys() == lq.keys() and all(lq[k] < 0.6 * hq[k] for k in hq)
