@@ -1,6 +1,12 @@
 """``ssl-path-tile``: tile whole-slide images into WebDataset shards (hydra app, ``configs/tile.yaml``).
 
-ssl-path-tile input=../shared/data/slides output=/tmp/tiles workers=2 tiling.target_mpps=[0.5,1.0]
+    ssl-path-tile input=../shared/data/slides output=/tmp/tiles tiling=tcga workers=2
+    ssl-path-tile input='/data/*.svs' output=/data/tiles tiling.target_mpps=[0.5,1.0] tiling.tile_size=256
+    ssl-path-tile input=slides.csv output=/data/tiles num_tasks=16   # in each task of sbatch --array=0-15
+
+``input`` is a folder, a glob, a CSV (column ``path``) or one slide. Re-running skips slides already
+done and retries failed ones; a corrupt slide is recorded as failed and the run still exits 0, unless
+every slide failed. ``output`` gets ``shards/``, ``manifest.json`` and ``hydra/`` (resolved configs).
 """
 
 from __future__ import annotations
