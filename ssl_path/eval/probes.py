@@ -36,13 +36,15 @@ def knn_predict(
     test_x: np.ndarray,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> np.ndarray:
     """Weighted cosine kNN.
 
     Args:
         train_x: (N, D) training features; train_y: (N,) int labels; test_x: (M, D).
         k: neighbours (capped at N); temperature: vote weight ``exp(sim / T)``.
+        chunk_size: test rows per similarity block; None keeps each (chunk, N) float64 block
+            near 400 MB, so PCam-sized sets (262k training tiles) fit in memory.
     Returns:
         (M,) int64 predicted labels (ties go to the lowest class index, as in scikit-learn).
     """
@@ -50,6 +52,7 @@ def knn_predict(
     train = torch.nn.functional.normalize(torch.as_tensor(train_x, dtype=torch.float64), dim=1)  # (N, D)
     onehot = torch.nn.functional.one_hot(torch.as_tensor(train_y), n_classes).double()  # (N, C)
     k = min(k, train.shape[0])
+    chunk_size = chunk_size or max(1, 50_000_000 // train.shape[0])
     preds = []
     for start in range(0, len(test_x), chunk_size):
         test = torch.nn.functional.normalize(
