@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_path.config_validation import validate_config
+from ssl_path.config_validation import ConfigValidationError, validate_config
 from ssl_path.data import default_local_crop_size
 from ssl_path.method import (
     AtomicCheckpointIO,
@@ -135,10 +136,16 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns ``{"status", "global_step", "run_dir", "checkpoint", "metrics"}``."""
     validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        raise ConfigValidationError(
+            "trainer.gradient_clip_val: must stay null; clipping is optim.clip_grad (done by the module)"
+        )
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)
+    # the EMA teacher is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)

@@ -306,6 +306,11 @@ class DINOv2Module(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
+        if gradient_clip_val is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={gradient_clip_val} is not used: set optim.clip_grad instead "
+                "(the module clips, so fused AdamW works with bf16) and leave trainer.gradient_clip_val null"
+            )
         norm = self.clip_gradients_(optimizer)
         if norm is not None:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)

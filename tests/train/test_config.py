@@ -64,3 +64,14 @@ def test_run_fails_before_creating_anything(tmp_path):
     with pytest.raises(ConfigValidationError, match=r"trainer.max_stepz: .*did you mean 'max_steps'"):
         run(cfg)
     assert not out.exists()
+
+
+def test_lightning_gradient_clipping_is_refused(tmp_path):
+    cfg = _compose(
+        ["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", "trainer.gradient_clip_val=1.0"]
+    )
+    with pytest.raises(
+        ConfigValidationError, match="trainer.gradient_clip_val: must stay null.*optim.clip_grad"
+    ):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
