@@ -33,6 +33,8 @@ def tile_sets(datasets: DictConfig | None, data: DictConfig) -> dict[str, str]:
 
 def build_models(cfg: DictConfig) -> tuple[dict, tuple | None]:
     """``{row label: backbone or None (histogram)}`` and the training ``(mean, std)`` if recorded."""
+    if cfg.model_name in ("random_init", HISTOGRAM):
+        raise ValueError(f"model_name={cfg.model_name!r} is reserved for a baseline row; pick another")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     resolved = resolve_checkpoint(cfg.checkpoint, model_cfg)
     models = {}

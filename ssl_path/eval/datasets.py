@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,7 +140,9 @@ def make_splits(
 class ImageDataset(torch.utils.data.Dataset):
     """Images from a list of paths, each passed through ``transform`` (PIL RGB -> tensor)."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform) -> None:
+    def __init__(
+        self, paths: list[Path], labels: np.ndarray, transform: Callable[[Image.Image], Any]
+    ) -> None:
         self.paths, self.labels, self.transform = list(paths), np.asarray(labels), transform
 
     def __len__(self) -> int:

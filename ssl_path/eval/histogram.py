@@ -9,6 +9,8 @@ distributions. On kather2016-100 a 5-NN on the raw histograms scores ~0.66 leave
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -27,7 +29,7 @@ def colour_histogram(img: Image.Image, bins: int = 8) -> np.ndarray:
 class HistogramTransform:
     """Callable for :class:`~ssl_path.eval.datasets.ImageDataset`: geometric view, then histogram."""
 
-    def __init__(self, geometric, bins: int = 8) -> None:
+    def __init__(self, geometric: Callable[[Image.Image], Image.Image], bins: int = 8) -> None:
         self.geometric, self.bins = geometric, bins
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

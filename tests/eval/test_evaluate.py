@@ -161,3 +161,9 @@ def test_cli_needs_a_backbone_and_a_dataset(tmp_path, kather_dir):
     assert res.returncode != 0 and "give a checkpoint, a model preset, or both" in res.stderr
     with pytest.raises(ValueError, match="no dataset to evaluate"):
         run(compose_eval([f"output={tmp_path}", "model=vit_tiny"]))
+    with pytest.raises(ValueError, match="reserved for a baseline"):
+        run(
+            compose_eval(
+                [f"output={tmp_path}", "model=vit_tiny", f"data.root={kather_dir}", "model_name=random_init"]
+            )
+        )
