@@ -10,12 +10,16 @@ probes while the other ranks wait at a barrier, so keep the sets small enough to
 the process-group timeout (Lightning's default is 30 min). With a sharded teacher (FSDP2 /
 ``ModelParallelStrategy``: parameters are ``DTensor``s) every rank must take part in each forward,
 so all ranks extract the same features and rank 0 alone fits the probes and logs.
+
+A failing evaluation (say a tile that became unreadable) is counted and warned about, and training
+goes on: a probe must not end a multi-day run. Wrong roots fail at ``setup``, before step one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 
 import lightning as L
@@ -77,7 +81,8 @@ class PeriodicEval(L.Callback):
         self.at_train_end = at_train_end
         self.tile_sets: list[tuple[TileSet, list[Split]]] = []
         self.last_step = -1
-        self.history: list[dict] = []  # summary rows of every evaluation (rank 0), newest last
+        self.history: list[dict] = []  # logged metrics of every evaluation (rank 0), newest last
+        self.failures = 0  # evaluations that raised (warned, skipped; training went on)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # scanning folders is cheap; fail at setup, not after hours of training, if a root is wrong
@@ -115,29 +120,46 @@ class PeriodicEval(L.Callback):
         summary: list[dict] = []
         if trainer.is_global_zero or collective:
             start = time.perf_counter()
-            rows = []
-            tf = self._transform(pl_module, backbone)
-            device = next(backbone.parameters()).device
-            for tiles, splits in self.tile_sets:
-                x, y = extract_features(
-                    backbone,
-                    ImageDataset(tiles.paths, tiles.labels, tf),
-                    batch_size=self.features.batch_size,
-                    num_workers=self.features.num_workers,
-                    device=device,
-                    pooling=self.features.pooling,
-                    autocast_dtype=self.features.autocast_dtype(device),
+            try:
+                rows = self._probe_rows(trainer, pl_module, backbone)
+            except Exception as err:  # noqa: BLE001 - an eval failure must not end a long training run
+                self.failures += 1
+                warnings.warn(
+                    f"periodic eval at step {trainer.global_step} failed ({self.failures} so far), "
+                    f"training continues: {type(err).__name__}: {err}",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-                if trainer.is_global_zero:
-                    rows += [
-                        {"dataset": tiles.name, "model": "teacher", **r}
-                        for r in evaluate_features(x, y, splits, self.probes)
-                    ]
-            if trainer.is_global_zero:
+                rows = []
+            if trainer.is_global_zero and rows:
                 summary = summarise(rows)
                 self._log(trainer, summary, time.perf_counter() - start)
         trainer.strategy.barrier("ssl_path_periodic_eval")
         return summary
+
+    def _probe_rows(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, backbone: torch.nn.Module
+    ) -> list:
+        """Features of every tile set (on this rank), probe rows on rank 0."""
+        tf = self._transform(pl_module, backbone)
+        device = next(backbone.parameters()).device
+        rows = []
+        for tiles, splits in self.tile_sets:
+            x, y = extract_features(
+                backbone,
+                ImageDataset(tiles.paths, tiles.labels, tf),
+                batch_size=self.features.batch_size,
+                num_workers=self.features.num_workers,
+                device=device,
+                pooling=self.features.pooling,
+                autocast_dtype=self.features.autocast_dtype(device),
+            )
+            if trainer.is_global_zero:
+                rows += [
+                    {"dataset": tiles.name, "model": "teacher", **r}
+                    for r in evaluate_features(x, y, splits, self.probes)
+                ]
+        return rows
 
     def _log(self, trainer: L.Trainer, summary: list[dict], seconds: float) -> None:
         metrics = {f"eval/{r['dataset']}/{r['probe']}_{m}": r[f"{m}_mean"] for r in summary for m in METRICS}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import lightning as L
 import pytest
@@ -107,6 +108,18 @@ class RecordingEval(PeriodicEval):
         super().on_train_end(trainer, pl_module)
         with open(f"{self.out_dir}/rank{trainer.global_rank}.json", "w") as f:
             json.dump(self.calls, f)
+
+
+def test_a_failing_evaluation_warns_and_training_goes_on(tiles, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiles, broken)
+    (broken / "6_adipose" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    callback = make_callback(broken)
+    trainer = L.Trainer(max_steps=4, max_epochs=-1, callbacks=[callback], logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="periodic eval at step 2 failed .*zz_truncated.png"):
+        trainer.fit(TinyTeacherModule())
+    assert trainer.global_step == 4 and callback.failures == 2 and callback.history == []
 
 
 @pytest.mark.slow
