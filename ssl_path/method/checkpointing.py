@@ -85,6 +85,10 @@ class PeriodicCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run already has this step on disk
+        if trainer.is_global_zero and self.dirpath.is_dir():
+            for stale in self.dirpath.glob(".*.tmp-*"):  # left by a process killed mid-save
+                log.info("removing partial checkpoint %s", stale)
+                stale.unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:

@@ -107,7 +107,7 @@ def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
 @pytest.mark.slow
 def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
     steps = 12
-    common = [*_tiny(tiled_root), f"trainer.max_steps={steps}"]
+    common = [*_tiny(tiled_root), f"trainer.max_steps={steps}", "callbacks.checkpoint.keep_every_n_steps=4"]
     run_b = tmp_path / "interrupted"
     ckpt_b, log_b = run_b / "checkpoints" / "last.ckpt", tmp_path / "interrupted.log"
     b_args = [*common, f"hydra.run.dir={run_b}"]
@@ -143,6 +143,12 @@ def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
     b = torch.load(ckpt_b, map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == steps
     assert any(k.startswith("teacher.backbone.") for k in a["state_dict"])
+    kept = sorted(p.name for p in (run_a / "checkpoints").glob("step-*.ckpt"))
+    assert kept == ["step-00000004.ckpt", "step-00000008.ckpt", "step-00000012.ckpt"]
+    assert (run_a / "checkpoints" / "step-00000012.ckpt").stat().st_ino == (
+        run_a / "checkpoints" / "last.ckpt"
+    ).stat().st_ino
+    assert not list(run_b.rglob(".*.tmp-*"))  # no torn temp files left behind by the kill
     _assert_same_state(a["state_dict"], b["state_dict"], "state_dict")
     _assert_same_state(a["optimizer_states"], b["optimizer_states"], "optimizer_states")
     _assert_same_state(a["SSLDataModule"], b["SSLDataModule"], "SSLDataModule")
