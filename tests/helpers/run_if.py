@@ -10,7 +10,9 @@ import torch
 from packaging.version import Version
 
 
-def RunIf(min_gpus: int = 0, min_torch: str | None = None, executable: str | None = None) -> pytest.MarkDecorator:  # noqa: N802
+def RunIf(
+    min_gpus: int = 0, min_torch: str | None = None, executable: str | None = None
+) -> pytest.MarkDecorator:
     reasons = []
     if min_gpus and torch.cuda.device_count() < min_gpus:
         reasons.append(f"needs {min_gpus} GPU(s)")
