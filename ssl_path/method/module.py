@@ -261,7 +261,7 @@ class DINOv2Module(L.LightningModule):
         finite = self._finite_on_all_ranks(losses["total"])
         self._log_step(losses, values, batch)
         if not finite:
-            return self._skip_nonfinite(losses)
+            return self._skip_nonfinite(losses)  # a zero loss: every rank backwards, nobody steps
         self.nonfinite_in_a_row = 0
         if self.centering == "softmax":
             self.dino_center.update(teacher["cls_logits"], self.center_momentum)
@@ -274,7 +274,14 @@ class DINOv2Module(L.LightningModule):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank skips, or none does
         return bool(flag.item())
 
-    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
+    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Count the step, raise after too many in a row, else return a zero loss for a no-op step.
+
+        Lightning forbids returning None under DDP, so the step is skipped in two halves: backward of
+        ``0 * sum(params)`` gives every parameter a zero gradient (DDP's all-reduce still matches on
+        every rank), and ``on_before_optimizer_step`` then drops all gradients, so AdamW does nothing
+        (no update, no moment decay) and the EMA is not applied.
+        """
         self._skip_step = True
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
@@ -291,10 +298,14 @@ class DINOv2Module(L.LightningModule):
                 f"method.max_nonfinite_steps={self.max_nonfinite_steps}) at step {self.global_step}; "
                 f"last loss terms: {terms}. Lower the lr, check the data, or resume earlier."
             )
-        return None
+        return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.schedule_at(self.global_step).last_layer_frozen:
+        if self._skip_step:  # a non-finite micro-batch in this step: AdamW skips params without grads
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        elif self.schedule_at(self.global_step).last_layer_frozen:
             self._drop_last_layer_grads(optimizer)
 
     @staticmethod
@@ -360,9 +371,9 @@ class DINOv2Module(L.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""
         step = self.global_step
-        self._skip_step = False
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if not self._skip_step:
+        skipped, self._skip_step = self._skip_step, False
+        if not skipped:
             ema_update(self.teacher, self.student, self.schedule_at(step).momentum)
 
     # ------------------------------------------------------------------ logging

@@ -43,10 +43,10 @@ def _loader(n: int, poison: set[int] = frozenset()) -> DataLoader:
     return DataLoader(batches, batch_size=None, collate_fn=lambda x: x)
 
 
-def _trainer(max_steps: int, **kw) -> L.Trainer:
+def _trainer(max_steps: int, devices: int = 1, **kw) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         max_steps=max_steps,
         max_epochs=-1,
         logger=False,
@@ -150,3 +150,59 @@ def test_manual_step_without_trainer_and_softmax_centering():
     assert all(torch.isfinite(v) for v in out.values())
     assert not torch.equal(center0, module.dino_center.center)
     assert "dino_center.center" in module.state_dict()
+
+
+class _RankPoisonedStream(torch.utils.data.IterableDataset):
+    """Synthetic batches; rank 1 alone gets a NaN in its 2nd batch (the ranks must still agree to skip)."""
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        for i in range(100):
+            b = synthetic_batch(B, 2, 2, 32, 16, patch_size=16, seed=10 * i + rank)
+            if rank == 1 and i == 1:
+                b["global_crops"][0, 0, 0, 0] = float("nan")
+            yield b
+
+
+class _DumpRanks(L.Callback):
+    def __init__(self, dirpath):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, module):
+        state = {k: v.detach().clone() for k, v in module.teacher.state_dict().items()}
+        torch.save(
+            {"teacher": state, "skipped": module.nonfinite_total, "step": trainer.global_step},
+            self.dirpath / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def _ddp_worker(rank: int, dirpath, port: int) -> None:
+    """One DDP rank, launched by the test (Lightning sees LOCAL_RANK and launches nothing itself)."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    module = _module(max_nonfinite_steps=3)
+    loader = DataLoader(_RankPoisonedStream(), batch_size=None, collate_fn=lambda x: x)
+    _trainer(3, strategy="ddp", devices=2, callbacks=[_DumpRanks(dirpath)]).fit(module, loader)
+
+
+@pytest.mark.slow
+def test_ddp_nonfinite_on_one_rank_is_skipped_on_all(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(tmp_path, port), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["skipped"] for r in ranks] == [1, 1] and [r["step"] for r in ranks] == [3, 3]
+    for k, v in ranks[0]["teacher"].items():
+        assert torch.equal(v, ranks[1]["teacher"][k]), k
