@@ -172,7 +172,12 @@ def _checkpoint_dir(callbacks: list, run_dir: Path) -> str:
     return str(run_dir / "checkpoints")
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+# absolute: a console script runs main() with __module__ "ssl_path.train", and hydra would then look for
+# a python package "configs" instead of the directory beside the package
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -48,13 +48,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, console_script: bool = False) -> subprocess.Popen:
+    cmd = (
+        [str(Path(sys.executable).parent / "ssl-path-train")]
+        if console_script
+        else [sys.executable, "-m", "ssl_path.train"]
+    )
     return subprocess.Popen(
-        [sys.executable, "-m", "ssl_path.train", *args],
-        cwd=REPO,
-        env=_env(),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
+        [*cmd, *args], cwd=REPO, env=_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT
     )
 
 
@@ -194,7 +195,7 @@ def test_smoke_experiment_learns_and_checkpoints(tiled_root, tmp_path):
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
     ]
-    assert _finish(_start(args, log), log) == 0, log.read_text()[-3000:]
+    assert _finish(_start(args, log, console_script=True), log) == 0, log.read_text()[-3000:]
     run_dir = tmp_path / "runs" / "smoke" / f"data.batch_size=8,data.root={tiled_root},optim.lr=0.1"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p for p in tmp_path.rglob("*.ckpt"))
     rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
