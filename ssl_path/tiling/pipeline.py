@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ssl_path.tiling.config import TilingConfig
+from ssl_path.tiling.fastread import JpegTiffLevel0
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
 from ssl_path.tiling.inputs import slide_ids
 from ssl_path.tiling.manifest import check_config, load_manifest, update_manifest
@@ -59,10 +60,16 @@ def _judge(cfg: TilingConfig) -> Callable[[np.ndarray], tuple[float, bytes | Non
 
 
 def _filtered_tiles(
-    slide: openslide.OpenSlide, grid: TileGrid, index: np.ndarray, level: int, cfg: TilingConfig
+    slide: openslide.OpenSlide,
+    grid: TileGrid,
+    index: np.ndarray,
+    level: int,
+    cfg: TilingConfig,
+    fast: JpegTiffLevel0 | None = None,
 ) -> Iterator[tuple[int, float, bytes]]:
     """Yield ``(k, tissue_fraction, jpeg)`` for the tiles of ``index`` that pass the tile-level filter."""
-    judged = map_tiles(slide, grid, index, level, _judge(cfg), cfg.read_block, cfg.resample, cfg.threads)
+    judge = _judge(cfg)
+    judged = map_tiles(slide, grid, index, level, judge, cfg.read_block, cfg.resample, cfg.threads, fast)
     for k, (frac, jpeg) in judged:
         if jpeg is not None:
             yield k, frac, jpeg
@@ -75,12 +82,13 @@ def select_tiles(
     level: int,
     cfg: TilingConfig,
     slide_id: str,
+    fast: JpegTiffLevel0 | None = None,
 ) -> Iterator[tuple[int, float, bytes]]:
     """Tiles to write: all candidates passing the filter, or with ``max_tiles_per_slide`` the first that
     pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order."""
     limit = cfg.max_tiles_per_slide
     if limit is None:
-        yield from _filtered_tiles(slide, grid, candidates, level, cfg)
+        yield from _filtered_tiles(slide, grid, candidates, level, cfg, fast)
         return
     perm = slide_rng(cfg.seed, slide_id, grid.target_mpp).permutation(len(candidates))
     kept: dict[int, tuple[float, bytes]] = {}
@@ -88,9 +96,8 @@ def select_tiles(
     while len(kept) < limit and pos < len(perm):
         chunk = perm[pos : pos + max(64, 2 * (limit - len(kept)))]
         pos += len(chunk)
-        passed = {
-            int(chunk[k]): (f, t) for k, f, t in _filtered_tiles(slide, grid, candidates[chunk], level, cfg)
-        }
+        judged = _filtered_tiles(slide, grid, candidates[chunk], level, cfg, fast)
+        passed = {int(chunk[k]): (f, t) for k, f, t in judged}
         for k in chunk:  # permutation order decides who gets in
             if int(k) in passed and len(kept) < limit:
                 kept[int(k)] = passed[int(k)]
@@ -112,6 +119,7 @@ def _tile_at_mpp(
     ids: tuple[str, str],
     writer: SlideShardWriter,
     cfg: TilingConfig,
+    fast: JpegTiffLevel0 | None = None,
 ) -> dict:
     """Tile one slide at one target mpp into ``writer``; returns counts for the manifest."""
     slide_id, source = ids
@@ -123,7 +131,7 @@ def _tile_at_mpp(
     candidates = index[coverage >= cfg.mask_min_coverage]  # 0 reads every grid tile
     suffix = f"_{round(target_mpp * 1000)}nm" if len(cfg.target_mpps) > 1 else ""
     n = 0
-    for k, frac, jpeg in select_tiles(slide, grid, candidates, level, cfg, slide_id):
+    for k, frac, jpeg in select_tiles(slide, grid, candidates, level, cfg, slide_id, fast):
         x, y = int(grid.xs[candidates[k, 1]]), int(grid.ys[candidates[k, 0]])
         meta = {
             "slide_id": slide_id,
@@ -162,7 +170,7 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
     """Tile one slide into ``output/shards``; returns its manifest entry (never raises for a bad slide)."""
     start = time.perf_counter()
     entry = failed_entry(source, None)
-    writer = None
+    writer = fast = None
     try:
         with open_slide(source) as slide:
             slide_mpp = resolve_mpp(dict(slide.properties), cfg.fallback_mpp, name=slide_id)
@@ -170,11 +178,15 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
             if slide_mpp.warning:
                 entry["warnings"].append(slide_mpp.warning)
             mask = tissue_mask(slide, slide_mpp.mpp, cfg)
+            if any(best_level(slide, t / slide_mpp.mpp) == 0 for t in cfg.target_mpps):
+                fast = JpegTiffLevel0.open(source, slide)
             writer = SlideShardWriter(
                 Path(output) / "shards", slide_id, cfg.shard_max_count, cfg.shard_max_size
             )
             for target in cfg.target_mpps:
-                stats = _tile_at_mpp(slide, mask, slide_mpp, target, (slide_id, str(source)), writer, cfg)
+                stats = _tile_at_mpp(
+                    slide, mask, slide_mpp, target, (slide_id, str(source)), writer, cfg, fast
+                )
                 entry["per_mpp"][f"{target:g}"] = stats
                 entry["tiles"] += stats["tiles"]
             entry["shards"] = writer.commit()
@@ -189,6 +201,8 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
     finally:
         if entry["status"] != "ok" and writer is not None:
             writer.abort()
+        if fast is not None:
+            fast.close()
     entry["seconds"] = round(time.perf_counter() - start, 3)
     return entry
 

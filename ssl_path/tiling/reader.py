@@ -19,6 +19,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from ssl_path.tiling.fastread import JpegTiffLevel0
 from ssl_path.tiling.grid import TileGrid
 
 T = TypeVar("T")
@@ -60,6 +61,7 @@ def _block_tiles(
     read_block: int,
     resample: str,
     fn: Callable[[np.ndarray], T],
+    fast: JpegTiffLevel0 | None = None,
 ) -> list[tuple[int, T]]:
     """Read the bounding box of the tiles ``index[members]`` in one call; return ``(k, fn(tile))``."""
     ds = float(slide.level_downsamples[level])
@@ -80,18 +82,25 @@ def _block_tiles(
     x0, y0 = int(round(lx0 * ds)), int(round(ly0 * ds))
     w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent) / ds)) + margin, lw) - lx0
     h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent) / ds)) + margin, lh) - ly0
-    block = rgb_on_white(slide.read_region((x0, y0), level, (w, h)))
+    if fast is not None and level == 0:  # same pixels as openslide (checked when opened), 3-4x cheaper
+        pixels = fast.read(x0, y0, w, h)
+    else:
+        pixels = np.asarray(rgb_on_white(slide.read_region((x0, y0), level, (w, h))))
     out = []
     for k, r, c in zip(members, rows, cols, strict=True):
         bx, by = (grid.xs[c] - x0) / ds, (grid.ys[r] - y0) / ds
         if crop:
-            tile = np.asarray(block.crop((int(bx), int(by), int(bx) + size, int(by) + size)))
+            ix, iy = int(bx), int(by)
+            tile = np.ascontiguousarray(pixels[iy : iy + size, ix : ix + size])
+            if tile.shape[:2] != (size, size):  # past the level's edge: PIL pads as before
+                tile = np.asarray(Image.fromarray(pixels).crop((ix, iy, ix + size, iy + size)))
         else:
             # Resample from a local crop so the arithmetic does not depend on where the block starts.
             cx, cy = max(int(np.floor(bx)) - margin, 0), max(int(np.floor(by)) - margin, 0)
             ex, ey = min(int(np.ceil(bx + span)) + margin, w), min(int(np.ceil(by + span)) + margin, h)
             box = (bx - cx, by - cy, min(bx + span, w) - cx, min(by + span, h) - cy)
-            tile = np.asarray(block.crop((cx, cy, ex, ey)).resize((size, size), _FILTERS[resample], box=box))
+            local = Image.fromarray(pixels[cy:ey, cx:ex])
+            tile = np.asarray(local.resize((size, size), _FILTERS[resample], box=box))
         out.append((int(k), fn(tile)))
     return out
 
@@ -113,25 +122,27 @@ def map_tiles(
     read_block: int = 4,
     resample: str = "bilinear",
     threads: int = 1,
+    fast: JpegTiffLevel0 | None = None,
 ) -> Iterator[tuple[int, T]]:
     """Yield ``(k, fn(tile_k))`` for each row ``k`` of ``index`` ((N, 2) int (row, col)), block by block.
 
     ``tile_k`` is (tile_size, tile_size, 3) uint8 RGB covering its level-0 box. With ``threads > 1``
     blocks are read and ``fn`` runs in a thread pool (openslide, PIL and numpy release the GIL); the
-    output order is the same as with one thread.
+    output order is the same as with one thread. ``fast`` (``JpegTiffLevel0.open``) serves level-0
+    blocks instead of openslide, with the same pixels.
     """
     if len(index) == 0:
         return
     blocks = _blocks(grid, index, read_block)
     if threads <= 1:
         for members in blocks:
-            yield from _block_tiles(slide, grid, index, members, level, read_block, resample, fn)
+            yield from _block_tiles(slide, grid, index, members, level, read_block, resample, fn, fast)
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque = deque()
         for members in blocks:
             pending.append(
-                pool.submit(_block_tiles, slide, grid, index, members, level, read_block, resample, fn)
+                pool.submit(_block_tiles, slide, grid, index, members, level, read_block, resample, fn, fast)
             )
             if len(pending) >= 2 * threads:  # bounded read-ahead keeps memory flat
                 yield from pending.popleft().result()
@@ -147,9 +158,10 @@ def read_tiles(
     read_block: int = 4,
     resample: str = "bilinear",
     threads: int = 1,
+    fast: JpegTiffLevel0 | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(k, tile)`` for each row ``k`` of ``index`` (see ``map_tiles``)."""
-    yield from map_tiles(slide, grid, index, level, lambda t: t, read_block, resample, threads)
+    yield from map_tiles(slide, grid, index, level, lambda t: t, read_block, resample, threads, fast)
 
 
 def read_thumbnail(slide: openslide.OpenSlide, size: tuple[int, int]) -> np.ndarray:
