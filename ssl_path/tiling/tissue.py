@@ -15,10 +15,16 @@ on whole-slide images", https://github.com/mahmoodlab/CLAM ``WholeSlideImage.seg
 
 from __future__ import annotations
 
+import functools
+
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# scipy.ndimage.gaussian_filter(sigma=1, truncate=3)'s kernel: radius 3, normalised exp(-x^2 / 2).
+_GAUSS = np.exp(-0.5 * np.arange(-3, 4, dtype=np.float64) ** 2)
+_GAUSS /= _GAUSS.sum()
 
 
 def otsu_threshold(
@@ -40,15 +46,16 @@ def otsu_threshold(
 
 
 def _saturation_hue(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 → HSV saturation in [0, 1], an H&E-hue mask and HSV value (0-255), all (H, W).
+    """(H, W, 3) uint8 → HSV saturation in [0, 1] (float32), an H&E-hue mask and HSV value (uint8 0-255).
 
-    Channel-wise maxima: numpy reductions over a length-3 last axis are several times slower.
+    Channel-wise maxima on uint8 (numpy reductions over a length-3 last axis are several times slower);
+    only the division is float32.
     """
-    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx = np.maximum(np.maximum(r, g), b)
     mn = np.minimum(np.minimum(r, g), b)
-    sat = (mx - mn) / np.maximum(mx, 1.0)
-    he_hue = (g <= r) & (g <= b + 10.0)
+    sat = (mx - mn).astype(np.float32) / np.maximum(mx, 1).astype(np.float32)
+    he_hue = (g <= r) & (np.subtract(g, b, dtype=np.int16) <= 10)
     return sat, he_hue, mx
 
 
@@ -78,13 +85,38 @@ def thumbnail_tissue_mask(thumb: np.ndarray, min_saturation: float = 0.07, min_a
     return mask
 
 
+@functools.lru_cache(maxsize=8)
+def _saturation_table(min_saturation: float) -> np.ndarray:
+    """(256,) uint8: a pixel whose largest channel is ``m`` has HSV saturation > ``min_saturation`` (float32
+    ``(max - min) / max(m, 1)``, as ``_saturation_hue``) iff ``max - min >= table[m]``.
+
+    Saturation grows with ``max - min`` for a fixed ``m``, so one threshold per ``m`` replaces the division.
+    """
+    d = np.arange(256, dtype=np.uint8)[None, :]
+    m = np.arange(256, dtype=np.uint8)[:, None]
+    ok = (d.astype(np.float32) / np.maximum(m, 1).astype(np.float32) > min_saturation) & (d <= m)
+    first = np.where(ok.any(axis=1), ok.argmax(axis=1), np.arange(256) + 1)  # m + 1: never (d <= m)
+    return np.minimum(first, 255).astype(np.uint8)  # m = 255 never unsaturated unless min_saturation >= 1
+
+
 def tissue_pixels(rgb: np.ndarray, min_saturation: float = 0.07, min_texture: float = 1.5) -> np.ndarray:
-    """(H, W, 3) uint8 → (H, W) bool: saturated, H&E-hued, finely textured pixels."""
-    sat, he_hue, _ = _saturation_hue(rgb)
+    """(H, W, 3) uint8 → (H, W) bool: saturated, H&E-hued, finely textured pixels.
+
+    Texture is |grey - gaussian(grey, sigma 1)| averaged over 5x5, edges mirrored (scipy's ``reflect``).
+    OpenCV's float32 filters are ~5x faster than ``scipy.ndimage`` (which computes in float64); on 357
+    real tiles (18M pixels) every pixel decision equals scipy's ``gaussian_filter``/``uniform_filter``.
+    """
+    if min_saturation >= 1.0:  # saturation never exceeds 1
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    # The pixels of _saturation_hue in uint8 OpenCV calls (contiguous planes; a table for the division).
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    mx = cv2.max(cv2.max(r, g), b)
+    saturated = cv2.subtract(mx, cv2.min(cv2.min(r, g), b)) >= cv2.LUT(mx, _saturation_table(min_saturation))
+    he_hue = (g <= r) & (cv2.subtract(g, b) <= 10)  # g <= b + 10, saturating at 0
     grey = rgb @ _GREY  # float32 (H, W)
-    high_pass = np.abs(grey - ndi.gaussian_filter(grey, sigma=1.0, truncate=3.0))
-    texture = ndi.uniform_filter(high_pass, size=5)
-    return (sat > min_saturation) & he_hue & (texture > min_texture)
+    blur = cv2.sepFilter2D(grey, cv2.CV_32F, _GAUSS, _GAUSS, borderType=cv2.BORDER_REFLECT)
+    texture = cv2.blur(np.abs(grey - blur), (5, 5), borderType=cv2.BORDER_REFLECT)
+    return saturated & he_hue & (texture > min_texture)
 
 
 def tile_tissue_fraction(
@@ -102,8 +134,11 @@ def tile_tissue_fraction(
     pix = tissue_pixels(rgb, min_saturation, min_texture)
     h, w = pix.shape
     ch, cw = h // cells, w // cells
-    cell_frac = pix[: ch * cells, : cw * cells].reshape(cells, ch, cells, cw).mean(axis=(1, 3))
-    return float((cell_frac >= 0.1).mean())
+    rows = (
+        pix[: ch * cells, : cw * cells].view(np.uint8).reshape(cells, ch, cw * cells).sum(1, dtype=np.int32)
+    )
+    counts = rows.reshape(cells, cells, cw).sum(axis=2)
+    return float((counts / (ch * cw) >= 0.1).mean())
 
 
 def mask_coverage(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -8,9 +8,17 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image
+from scipy import ndimage as ndi
 
-from ssl_path.tiling import TilingConfig
-from ssl_path.tiling.tissue import mask_coverage, otsu_threshold, thumbnail_tissue_mask, tile_tissue_fraction
+from ssl_path.tiling import TilingConfig, open_slide, tile_grid
+from ssl_path.tiling.reader import read_tiles
+from ssl_path.tiling.tissue import (
+    mask_coverage,
+    otsu_threshold,
+    thumbnail_tissue_mask,
+    tile_tissue_fraction,
+    tissue_pixels,
+)
 
 
 def _load_white(path: Path, size: int | None = None) -> np.ndarray:
@@ -81,3 +89,39 @@ def test_mask_coverage_known_values() -> None:
         [[0, 0, 10, 10], [0, 0, 10, 5], [0, 5, 10, 10], [2.5, 2.5, 7.5, 7.5], [0, 0, 3, 2]], float
     )
     np.testing.assert_allclose(mask_coverage(mask, boxes), [0.5, 1.0, 0.0, 0.5, 1.0])
+
+
+def _reference_tissue_pixels(
+    rgb: np.ndarray, min_saturation: float = 0.07, min_texture: float = 1.5
+) -> np.ndarray:
+    """The filter's definition in plain numpy/scipy (float32 HSV, float64 scipy filters)."""
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    mx = np.maximum(np.maximum(r, g), b)
+    sat = (mx - np.minimum(np.minimum(r, g), b)) / np.maximum(mx, 1.0)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    texture = ndi.uniform_filter(np.abs(grey - ndi.gaussian_filter(grey, sigma=1.0, truncate=3.0)), size=5)
+    return (sat > min_saturation) & (g <= r) & (g <= b + 10.0) & (texture > min_texture)
+
+
+@pytest.mark.parametrize("min_saturation", [-0.1, 0.0, 0.07, 0.5, 0.999, 1.0])
+def test_saturation_and_hue_tests_are_exact(min_saturation: float) -> None:
+    """The uint8 saturation table and hue test equal the float32 definition (texture test off: >= 0)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    rgb[0, :256] = np.arange(256)[:, None]  # greys, black included
+    got = tissue_pixels(rgb, min_saturation, min_texture=-1.0)
+    assert np.array_equal(got, _reference_tissue_pixels(rgb, min_saturation, min_texture=-1.0))
+
+
+def test_opencv_filter_matches_scipy_definition_on_real_tiles(slides_dir: Path) -> None:
+    """OpenCV float32 texture vs scipy float64: same tile fractions, pixel decisions all but equal."""
+    with open_slide(slides_dir / "CMU-1-Small-Region.svs") as slide:
+        grid = tile_grid(*slide.dimensions, mpp=0.499, target_mpp=0.5, tile_size=224)
+        tiles = [t for _, t in read_tiles(slide, grid, grid.all_indices(), level=0)]
+    assert len(tiles) == 117
+    differ = 0
+    for tile in tiles:
+        ref = _reference_tissue_pixels(tile)
+        differ += int((tissue_pixels(tile) != ref).sum())
+        cells = ref.reshape(8, 28, 8, 28).mean(axis=(1, 3))
+        assert tile_tissue_fraction(tile) == float((cells >= 0.1).mean())
+    assert differ <= 1e-5 * len(tiles) * 224 * 224
