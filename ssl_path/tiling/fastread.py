@@ -57,7 +57,7 @@ class JpegTiffLevel0:
         self.prefix = tables[:-2] if tables else b""
         self.jpeg_mode = jpeg_mode
         self._fd = os.open(path, os.O_RDONLY)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, Image.Image] = OrderedDict()
         self._capacity = max(16, _CACHE_BYTES // (self.tile_w * self.tile_h * 3))
         self._lock = threading.Lock()
 
@@ -97,7 +97,7 @@ class JpegTiffLevel0:
                 return False
         return True
 
-    def _tile(self, i: int) -> np.ndarray:
+    def _tile(self, i: int) -> Image.Image:
         with self._lock:
             tile = self._cache.get(i)
             if tile is not None:
@@ -110,9 +110,10 @@ class JpegTiffLevel0:
         # Decode in the colour space the TIFF declares (Aperio stores RGB without an Adobe marker, which
         # libjpeg would otherwise take for YCbCr), as openslide and libtiff do.
         image.tile = [image.tile[0]._replace(args=("RGB", self.jpeg_mode))]
-        tile = np.asarray(image)
-        if tile.shape[0] < min(self.tile_h, self.height) or tile.shape[1] < min(self.tile_w, self.width):
-            raise ValueError(f"tile {i}: {tile.shape[:2]} smaller than the TIFF tile")
+        image.load()
+        tile = image
+        if tile.width < min(self.tile_w, self.width) or tile.height < min(self.tile_h, self.height):
+            raise ValueError(f"tile {i}: {tile.size} smaller than the TIFF tile")
         with self._lock:
             self._cache[i] = tile
             if len(self._cache) > self._capacity:
@@ -120,9 +121,13 @@ class JpegTiffLevel0:
         return tile
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB of the level-0 box at (x, y); white outside the image (as openslide's
-        transparent pixels composited onto white)."""
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        """(h, w, 3) uint8 RGB of the level-0 box at (x, y) (see ``read_image``)."""
+        return np.asarray(self.read_image(x, y, w, h))
+
+    def read_image(self, x: int, y: int, w: int, h: int) -> Image.Image:
+        """RGB image of the level-0 box at (x, y), ``w x h``; white outside the image (as openslide's
+        transparent pixels composited onto white). Pillow all the way: no numpy round trips."""
+        out = Image.new("RGB", (w, h), (255, 255, 255))
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
         if x0 >= x1 or y0 >= y1:
             return out
@@ -132,7 +137,7 @@ class JpegTiffLevel0:
                 gx, gy = tx * self.tile_w, ty * self.tile_h
                 sx0, sy0 = max(x0, gx), max(y0, gy)
                 sx1, sy1 = min(x1, gx + self.tile_w), min(y1, gy + self.tile_h)
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy : sy1 - gy, sx0 - gx : sx1 - gx]
+                out.paste(tile.crop((sx0 - gx, sy0 - gy, sx1 - gx, sy1 - gy)), (sx0 - x, sy0 - y))
         return out
 
     def close(self) -> None:

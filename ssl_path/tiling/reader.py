@@ -83,24 +83,20 @@ def _block_tiles(
     w = min(int(np.ceil((grid.xs[cols.max()] + grid.extent) / ds)) + margin, lw) - lx0
     h = min(int(np.ceil((grid.ys[rows.max()] + grid.extent) / ds)) + margin, lh) - ly0
     if fast is not None and level == 0:  # same pixels as openslide (checked when opened), 3-4x cheaper
-        pixels = fast.read(x0, y0, w, h)
+        block = fast.read_image(x0, y0, w, h)
     else:
-        pixels = np.asarray(rgb_on_white(slide.read_region((x0, y0), level, (w, h))))
+        block = rgb_on_white(slide.read_region((x0, y0), level, (w, h)))
     out = []
     for k, r, c in zip(members, rows, cols, strict=True):
         bx, by = (grid.xs[c] - x0) / ds, (grid.ys[r] - y0) / ds
         if crop:
-            ix, iy = int(bx), int(by)
-            tile = np.ascontiguousarray(pixels[iy : iy + size, ix : ix + size])
-            if tile.shape[:2] != (size, size):  # past the level's edge: PIL pads as before
-                tile = np.asarray(Image.fromarray(pixels).crop((ix, iy, ix + size, iy + size)))
+            tile = np.asarray(block.crop((int(bx), int(by), int(bx) + size, int(by) + size)))
         else:
             # Resample from a local crop so the arithmetic does not depend on where the block starts.
             cx, cy = max(int(np.floor(bx)) - margin, 0), max(int(np.floor(by)) - margin, 0)
             ex, ey = min(int(np.ceil(bx + span)) + margin, w), min(int(np.ceil(by + span)) + margin, h)
             box = (bx - cx, by - cy, min(bx + span, w) - cx, min(by + span, h) - cy)
-            local = Image.fromarray(pixels[cy:ey, cx:ex])
-            tile = np.asarray(local.resize((size, size), _FILTERS[resample], box=box))
+            tile = np.asarray(block.crop((cx, cy, ex, ey)).resize((size, size), _FILTERS[resample], box=box))
         out.append((int(k), fn(tile)))
     return out
 
