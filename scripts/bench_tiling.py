@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ import openslide
 import webdataset as wds
 from openslide.deepzoom import DeepZoomGenerator
 
-from ssl_path.tiling import TilingConfig, resolve_mpp, tile_slides
+from ssl_path.tiling import TilingConfig, TilingWarning, resolve_mpp, tile_slides
 from ssl_path.tiling.tissue import tile_tissue_fraction
 
 DEFAULT_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
@@ -134,7 +136,13 @@ def main() -> None:
     cfg = TilingConfig(
         target_mpps=[args.mpp], tile_size=args.tile_size, fallback_mpp=args.fallback_mpp, threads=args.threads
     )
+    # The fallback-mpp warning would repeat on every run of a TCGA slide; the header says which mpp is used.
+    warnings.simplefilter("ignore", TilingWarning)
+    logging.getLogger("ssl_path.tiling").setLevel(logging.ERROR)
     for slide in args.slide:
+        with openslide.OpenSlide(str(slide)) as s:
+            mpp = resolve_mpp(dict(s.properties), cfg.fallback_mpp)
+        print(f"{slide.name}: level-0 {mpp.mpp:g} µm/px from {mpp.source}")
         bench_slide(slide, cfg, args.repeats)
 
 
