@@ -147,12 +147,15 @@ def _to_float(raw: object) -> float | None:
 
 
 def _get(config: dict, dotted: str) -> object:
-    node: object = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    """``config["a"]["b"]`` for ``"a.b"``, with ``${...}`` interpolations resolved where possible
+    (hydra saves the config unresolved; ``${hydra:...}`` cannot be resolved outside the job)."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(OmegaConf.create(config), dotted, default=None)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: treat as unknown
+        return None
+    return OmegaConf.to_container(value, resolve=False) if OmegaConf.is_config(value) else value
 
 
 # ------------------------------------------------------------------------------------------- the grid

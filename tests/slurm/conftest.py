@@ -69,13 +69,13 @@ def job_info(job_id: str, env: dict[str, str]) -> dict[str, str]:
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     """Poll ``predicate()`` until truthy; on timeout fail with ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    pytest.fail(f"timed out after {time.monotonic() - start:.0f}s (limit {timeout:.0f}s) waiting for {what}")
 
 
 def wait_job_end(job_id: str, env: dict[str, str], timeout: float, log: Path | None = None) -> dict[str, str]:
