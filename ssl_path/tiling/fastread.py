@@ -109,7 +109,8 @@ class JpegTiffLevel0:
             raise ValueError(f"tile {i}: unexpected JPEG mode {image.mode}")
         # Decode in the colour space the TIFF declares (Aperio stores RGB without an Adobe marker, which
         # libjpeg would otherwise take for YCbCr), as openslide and libtiff do.
-        image.tile = [image.tile[0]._replace(args=("RGB", self.jpeg_mode))]
+        first, args = image.tile[0], ("RGB", self.jpeg_mode)
+        image.tile = [first._replace(args=args) if hasattr(first, "_replace") else (*first[:3], args)]
         image.load()
         tile = image
         if tile.width < min(self.tile_w, self.width) or tile.height < min(self.tile_h, self.height):
