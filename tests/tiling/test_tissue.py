@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from ssl_path.tiling import TilingConfig, open_slide, tile_grid
+from ssl_path.tiling import TilingConfig, open_slide, tile_grid, tissue
 from ssl_path.tiling.reader import read_tiles
 from ssl_path.tiling.tissue import (
     mask_coverage,
@@ -125,3 +125,13 @@ def test_opencv_filter_matches_scipy_definition_on_real_tiles(slides_dir: Path) 
         cells = ref.reshape(8, 28, 8, 28).mean(axis=(1, 3))
         assert tile_tissue_fraction(tile) == float((cells >= 0.1).mean())
     assert differ <= 1e-5 * len(tiles) * 224 * 224
+
+
+def test_scipy_fallback_without_opencv_gives_the_same_fractions(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installs without opencv-python-headless compute the filter with scipy: same tile fractions."""
+    tiles = [_load_white(p, 224) for kind in ("tissue", "background") for p in _tiles(shared_data, kind)]
+    with_cv2 = [tile_tissue_fraction(t) for t in tiles]
+    monkeypatch.setattr(tissue, "cv2", None)
+    assert [tile_tissue_fraction(t) for t in tiles] == with_cv2
