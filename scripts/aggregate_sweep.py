@@ -443,6 +443,7 @@ def plot(rows: list[Row], metric: str | None, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_data, ax_flops) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     params = {r.model: r.params_m or 0.0 for r in rows}
@@ -453,12 +454,16 @@ def plot(rows: list[Row], metric: str | None, out: Path) -> Path:
         )
         if not pts:
             continue
-        label = f"{model} ({_fmt(pts[0].params_m)}M)" if pts[0].params_m else model
+        label = f"{model} ({pts[0].params_m:.3g}M params)" if pts[0].params_m else model
         ax_data.plot([p.num_slides for p in pts], [p.metric for p in pts], marker="o", label=label)
         with_flops = [p for p in pts if p.pflops]
         ax_flops.plot([p.pflops for p in with_flops], [p.metric for p in with_flops], marker="s", label=label)
-    ax_data.set_xlabel("training slides")
-    ax_flops.set_xlabel("training compute (PFLOPs, estimated)")
+    slides = [r.num_slides for r in rows if r.num_slides]
+    if slides and max(slides) >= 4 * min(slides):
+        ax_data.set_xscale("log")  # tiers usually double: equal spacing per doubling
+    ax_data.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_data.set_xlabel("training slides (data tier)")
+    ax_flops.set_xlabel("training compute (PFLOPs: 3x student fwd + teacher fwd)")
     ax_flops.set_xscale("log")
     for ax in (ax_data, ax_flops):
         ax.set_ylabel(metric or "metric")
