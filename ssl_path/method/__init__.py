@@ -3,13 +3,15 @@
 from ssl_path.method.checkpointing import AtomicCheckpointIO, GracefulStop, PeriodicCheckpoint
 from ssl_path.method.ema import ema_update
 from ssl_path.method.module import DINOv2Module, NonFiniteLossError, build_schedules
-from ssl_path.method.optim import OptimConfig, build_optimizer
+from ssl_path.method.optim import OptimConfig, build_optimizer, init_state
+from ssl_path.method.parallel import DataParallelFSDP, parallelize
 from ssl_path.method.param_groups import param_groups
 from ssl_path.method.schedules import Schedules, ScheduleValues
 from ssl_path.method.synthetic import synthetic_batch
 
 __all__ = [
     "AtomicCheckpointIO",
+    "DataParallelFSDP",
     "DINOv2Module",
     "GracefulStop",
     "NonFiniteLossError",
@@ -20,6 +22,8 @@ __all__ = [
     "build_optimizer",
     "build_schedules",
     "ema_update",
+    "init_state",
     "param_groups",
+    "parallelize",
     "synthetic_batch",
 ]

@@ -30,6 +30,7 @@ from torch import nn
 from ssl_path import losses as L_
 from ssl_path.method.ema import ema_update
 from ssl_path.method.optim import OptimConfig, build_optimizer
+from ssl_path.method.parallel import parallelize
 from ssl_path.method.rng import get_rng_state, set_rng_state
 from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
 from ssl_path.method.throughput import peak_flops_per_device
@@ -147,8 +148,20 @@ class DINOv2Module(L.LightningModule):
         self.set_global_batch_size(self.batch_size * world)
 
     def configure_model(self) -> None:
-        if not self.compile_blocks:
-            return
+        if self.compile_blocks:
+            self._compile_blocks()
+        mesh = self.device_mesh  # set by ModelParallelStrategy (configs/trainer/fsdp.yaml), else None
+        if mesh is not None:
+            dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+            if dp_mesh.size() != mesh.size():
+                raise ValueError("FSDP here is data-parallel only: set strategy.tensor_parallel_size=1")
+            for model in (self.student, self.teacher):
+                parallelize(model, dp_mesh)
+            for name in ("dino_center", "ibot_center"):  # plain buffers outside the sharded modules
+                if hasattr(self, name):
+                    getattr(self, name).to(self.trainer.strategy.root_device)
+
+    def _compile_blocks(self) -> None:
         blocks = [b for m in (self.student, self.teacher) for b in m["backbone"].vit.blocks]
         for block in blocks:
             block.compile()  # in place: state-dict keys stay free of "_orig_mod."

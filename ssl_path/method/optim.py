@@ -53,7 +53,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, use_fused: bool) -> torc
     """AdamW over ``param_groups(model, ...)``; ``foreach`` on CPU, ``fused`` on CUDA unless disabled."""
     groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.patch_embed_lr_mult)
     fused = use_fused if cfg.fused is None else cfg.fused
-    return torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(
         groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
@@ -62,3 +62,31 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, use_fused: bool) -> torc
         fused=True if fused else None,
         foreach=None if fused else True,
     )
+    init_state(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create every parameter's optimiser state now (zero moments, step 0) instead of at its first update.
+
+    Parameters skipped early (the frozen prototype layer, a skipped non-finite step) would otherwise
+    have no state in the first checkpoints, and loading a full optimiser state into FSDP2-sharded
+    parameters (``torch.distributed.checkpoint.state_dict``) is strict about that. Done with the
+    optimiser's own code: one step with zero gradients and lr 0, then ``step`` reset to 0.
+    """
+    saved = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grads = [p.grad for p in params]
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, grad in zip(params, grads, strict=True):
+        p.grad = grad
+        for value in optimizer.state[p].values():
+            if torch.is_tensor(value):
+                value.zero_()  # step counter and both moments
+    for g, (lr, wd) in zip(optimizer.param_groups, saved, strict=True):
+        g["lr"], g["weight_decay"] = lr, wd

@@ -87,3 +87,16 @@ def test_optimizer_foreach_on_cpu(student):
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
     assert {"lr_mult", "wd_mult", "is_last_layer"} <= set(opt.param_groups[0])
+
+
+def test_optimizer_state_exists_from_the_start_and_is_neutral(student):
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    opt = build_optimizer(student, OptimConfig(), use_fused=False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert len(opt.state) == len(trainable)  # also for params that get no grad in early steps
+    for p in trainable:
+        state = opt.state[p]
+        assert float(state["step"]) == 0.0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+        assert p.grad is None
+    assert all(torch.equal(p, before[n]) for n, p in student.named_parameters())
+    assert opt.param_groups[0]["lr"] == pytest.approx(OptimConfig().lr * opt.param_groups[0]["lr_mult"])

@@ -18,7 +18,10 @@ def _compose(overrides: list[str], hydra_cfg: bool = False):
         return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
-@pytest.mark.parametrize("overrides", [[], ["experiment=smoke"], ["trainer=ddp"], ["logger=csv"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["experiment=smoke"], ["trainer=ddp"], ["trainer=fsdp"], ["trainer=cpu"], ["logger=csv"]],
+)
 def test_configs_compose_and_validate(overrides, tmp_path):
     cfg = _compose([*overrides, f"paths.output_dir={tmp_path}"])
     validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)

@@ -15,4 +15,6 @@ def test_build_standalone_runs_a_training_step(tmp_path):
     teacher_before = [p.clone() for p in module.teacher.parameters()]
     out = module.manual_step(batch, optimizer, step=10)
     assert torch.isfinite(out["total"]) and out["grad_norm"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters(), strict=True)
+    )

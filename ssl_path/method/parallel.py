@@ -1,0 +1,71 @@
+"""FSDP2 sharding of the student and the teacher (``torch.distributed.fsdp.fully_shard``).
+
+Order as in DINOv3 (``dinov3/fsdp/ac_compile_parallelize.py``): blocks are compiled in place first
+(``DINOv2Module.configure_model``), then every transformer block is sharded on its own, then each
+backbone and head as a root. The teacher is sharded exactly like the student, so the EMA runs on
+matching local shards (``ema.ema_update`` uses ``DTensor.to_local``). Public APIs only.
+
+Used under Lightning's ``ModelParallelStrategy`` (``configs/trainer/fsdp.yaml``), whose device mesh
+``DINOv2Module.configure_model`` receives; data-parallel size = world size (pure FSDP, no TP).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+
+def parallelize(model: nn.ModuleDict, mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+    """Shard ``model`` (``backbone``, ``dino_head``, ``ibot_head``) in place over ``mesh``.
+
+    Args:
+        model: a student or teacher ``nn.ModuleDict`` as built by ``DINOv2Module``.
+        mesh: 1-D data-parallel device mesh (``ModelParallelStrategy.device_mesh["data_parallel"]``).
+        reshard_after_forward: free gathered block weights after forward (ZeRO-3); ``False`` keeps
+            them until backward (ZeRO-2: faster, more memory).
+    """
+    backbone = model["backbone"]
+    for block in backbone.vit.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(backbone, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    heads = {id(m): m for m in (model["dino_head"], model["ibot_head"])}  # the iBOT head may be shared
+    for head in heads.values():
+        fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+class DataParallelFSDP(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` with a data-parallel mesh over *all* ranks (FSDP2, no TP).
+
+    The parent's ``"auto"`` sizes put tensor parallelism inside a node; DINOv2 training is pure data
+    parallel, so the mesh is ``(world_size, 1)``. Checkpoints default to one full-state file written
+    by rank 0 through the trainer's ``CheckpointIO`` (atomic: temp file + rename), loadable on any
+    world size; ``save_distributed_checkpoint=True`` writes DCP shards into a directory instead
+    (faster for ViT-g, but not atomic and bound to a file system all ranks share).
+
+    Args:
+        save_distributed_checkpoint: DCP directory (True) or one full-state file (False).
+        process_group_backend: ``nccl``/``gloo``; ``None`` picks by device.
+        timeout_minutes: collective timeout.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout_minutes: int = 30,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
