@@ -93,7 +93,7 @@ ReturnToService=2
 # Reject impossible requests at submit time instead of pending forever.
 EnforcePartLimits=ALL
 SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2
+SchedulerParameters=sched_interval=2,kill_invalid_depend
 SlurmdParameters=config_overrides
 KillWait=5
 MinJobAge=600

@@ -84,7 +84,7 @@ def wait_job_end(job_id: str, env: dict[str, str], timeout: float, log: Path | N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = job_info(job_id, env)
-        if info.get("JobState") in final:
+        if info.get("JobState") in final or info.get("Reason") == "DependencyNeverSatisfied":
             return info
         time.sleep(1.0)
     subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
