@@ -122,8 +122,8 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def read_eval_results(path: Path, model: str = "checkpoint") -> dict[str, float]:
-    """Probe scores written by ``ssl-path-eval ... output=<run>/eval`` (``results.csv``), as
-    ``eval/<dataset>/<probe>/<score>`` (means only; the baselines' rows are left out)."""
+    """Probe scores written by ``ssl-path-eval ... output=<run>/eval`` (``results.csv``), named like the
+    periodic eval callback's metrics, ``eval/<dataset>/<probe>_<score>`` (means only, no baselines)."""
     if not path.is_file():
         return {}
     out = {}
@@ -134,7 +134,7 @@ def read_eval_results(path: Path, model: str = "checkpoint") -> dict[str, float]
             for key, raw in row.items():
                 value = _to_float(raw)
                 if key.endswith("_mean") and value is not None:
-                    out[f"eval/{row['dataset']}/{row['probe']}/{key[: -len('_mean')]}"] = value
+                    out[f"eval/{row['dataset']}/{row['probe']}_{key[: -len('_mean')]}"] = value
     return out
 
 

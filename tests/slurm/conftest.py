@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -33,7 +35,13 @@ def slurm_env() -> dict[str, str]:
     hint = "start it with `bash slurm/local_cluster.sh up` (as root) before running `pytest -m slurm`"
     if not conf.is_file():
         pytest.fail(f"local SLURM cluster not configured: {conf} missing; {hint}", pytrace=False)
-    env = {**os.environ, "SLURM_CONF": str(conf), "SSL_PATH_PYTHON": PYTHON, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "SLURM_CONF": str(conf),
+        "SSL_PATH_PYTHON": PYTHON,
+        "PYTHONUNBUFFERED": "1",
+        "SSL_PATH_SHARED_DATA": str(SHARED_DATA.resolve()),
+    }  # jobs run in other working directories
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=20)
     except (FileNotFoundError, subprocess.TimeoutExpired) as e:

@@ -142,7 +142,7 @@ def test_sweeper_params_grid_eval_results_and_status(agg, tmp_path):
     result = agg.aggregate(sweep, tmp_path / "out")
     assert len(result["rows"]) == 1  # <run>/eval/hydra is not a second run
     row = result["rows"][0]
-    assert result["metric"] == "eval/kather/knn10/accuracy"
+    assert result["metric"] == "eval/kather/knn10_accuracy"
     assert row.metric == pytest.approx(0.61)  # the checkpoint's row, not the baseline's
     assert row.status == "stopped" and row.step == 2
     assert row.images_seen == 2 * 2

@@ -95,7 +95,8 @@ def test_sweep_runs_four_jobs_and_requeues_the_preempted_one(sweep):
     steps = []
     for path in versions:
         with path.open(newline="") as f:
-            steps.append(sorted({int(float(r["step"])) for r in csv.DictReader(f) if r.get("step")}))
+            rows = [r for r in csv.DictReader(f) if r.get("loss/total")]  # training rows, not eval rows
+            steps.append(sorted({int(float(r["step"])) for r in rows}))
     assert steps[0][-1] + 1 == steps[1][0], f"steps lost or repeated across the requeue: {steps}"
     assert steps[0][-1] < MAX_STEPS - 1 and steps[1][-1] == MAX_STEPS - 1
 
@@ -113,7 +114,9 @@ def test_aggregate_sweep_makes_table_and_plot(sweep, tmp_path):
         rows = list(csv.DictReader(f))
     assert {(r["model"], r["tier"]) for r in rows} == GRID
     assert all(r["status"] == "done" and float(r["step"]) == MAX_STEPS for r in rows)
-    assert all(float(r["metric"]) > 0 for r in rows)  # loss/total: no eval ran in this sweep
+    # the metric: kNN accuracy on the 100 Kather tiles from the periodic eval after the last step
+    assert "eval/kather2016-100/knn20_accuracy" in proc.stdout
+    assert all(0.0 < float(r["metric"]) <= 1.0 for r in rows)
     # 2 slides tiled: tier 0.5 -> 1 slide, 1.0 -> 2; ViT-S/16 is larger and costs more than ViT-Ti.
     slides = {(r["model"], r["tier"]): float(r["num_slides"]) for r in rows}
     assert slides[("vit_tiny", "0.5")] == 1 and slides[("vit_tiny", "1.0")] == 2
