@@ -457,7 +457,14 @@ def plot(rows: list[Row], metric: str | None, out: Path) -> Path:
         label = f"{model} ({pts[0].params_m:.3g}M params)" if pts[0].params_m else model
         ax_data.plot([p.num_slides for p in pts], [p.metric for p in pts], marker="o", label=label)
         with_flops = [p for p in pts if p.pflops]
-        ax_flops.plot([p.pflops for p in with_flops], [p.metric for p in with_flops], marker="s", label=label)
+        # points only: with a fixed images-seen budget all tiers of a model share one compute value
+        ax_flops.plot(
+            [p.pflops for p in with_flops],
+            [p.metric for p in with_flops],
+            marker="s",
+            linestyle="none",
+            label=label,
+        )
     slides = [r.num_slides for r in rows if r.num_slides]
     if slides and max(slides) >= 4 * min(slides):
         ax_data.set_xscale("log")  # tiers usually double: equal spacing per doubling
