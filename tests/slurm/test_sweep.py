@@ -18,7 +18,7 @@ from tests.slurm.conftest import PYTHON, REPO, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-MAX_STEPS = 8  # configs/experiment/scaling_smoke.yaml
+MAX_STEPS = 12  # configs/experiment/scaling_smoke.yaml
 GRID = {(m, t) for m in ("vit_tiny", "vit_s16") for t in ("0.5", "1.0")}
 
 

@@ -20,7 +20,7 @@ from tests.slurm.conftest import REPO, job_info, sbatch, wait_for, wait_job_end
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-MAX_STEPS = 12
+MAX_STEPS = 20
 
 
 def _overrides(tiled_root: Path, run_dir: Path) -> list[str]:
