@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_path.config_validation import ConfigValidationError, validate_config
@@ -29,8 +30,8 @@ from ssl_path.method import (
     AtomicCheckpointIO,
     DINOv2Module,
     GracefulStop,
+    LossProgressBar,
     PeriodicCheckpoint,
-    build_optimizer,
     synthetic_batch,
 )
 
@@ -76,7 +77,7 @@ def build_standalone(
     bs = int(batch_size or cfg.data.batch_size)
     module.batch_size = bs
     module.set_global_batch_size(bs)
-    optimizer = build_optimizer(module.student, module.optim, use_fused=torch.device(device).type == "cuda")
+    optimizer = module.configure_optimizers()  # the same AdamW as under a Trainer (fused on CPU and CUDA)
     aug = cfg.data.augmentation
     batch = synthetic_batch(
         bs,
@@ -130,6 +131,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if cfg.trainer.get("enable_progress_bar", True) and not has_bar:
+        callbacks = [*callbacks, LossProgressBar()]  # Lightning's default bar would sync every step
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=plugins)
 
 

@@ -10,7 +10,7 @@ from ssl_path.data.collate import MaskingConfig, MultiCropCollate, finish_on_dev
 from ssl_path.data.datamodule import SSLDataModule
 from ssl_path.data.decode import DecodeError, decode_tile
 from ssl_path.data.manifest import ShardRef, load_manifest, select_shards, select_slides, slide_order
-from ssl_path.data.masking import block_mask, sample_masks
+from ssl_path.data.masking import block_mask, mask_indices, sample_masks
 from ssl_path.data.stream import DataSkipWarning, MultiCropStream, SkipCounter, TileStream
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "default_local_crop_size",
     "finish_on_device",
     "load_manifest",
+    "mask_indices",
     "sample_masks",
     "sample_params",
     "select_shards",

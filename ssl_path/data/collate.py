@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_path.data.augment import MultiCropConfig, crops_cpu, crops_device, sample_params
-from ssl_path.data.masking import sample_masks
+from ssl_path.data.masking import mask_indices, sample_masks
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,12 @@ class MultiCropCollate:
             m.max_num_patches_ratio,
             m.min_aspect,
         )
-        batch = {"masks": masks, "n_global_crops": cfg.n_global_crops, "n_local_crops": cfg.n_local_crops}
+        batch = {
+            "masks": masks,
+            "mask_indices": mask_indices(masks),
+            "n_global_crops": cfg.n_global_crops,
+            "n_local_crops": cfg.n_local_crops,
+        }
         if self.device_augment:
             batch["tiles"] = pad_tiles(tiles)
             batch["tile_params"] = params

@@ -95,3 +95,14 @@ def sample_masks(
         masks[i] = block_mask(rng, grid, target, min_num_patches, max_num, min_aspect)
     masks = masks[rng.permutation(n_crops)]
     return torch.from_numpy(masks.reshape(n_crops, n_patches))
+
+
+def mask_indices(masks: torch.Tensor) -> torch.Tensor:
+    """(M,) int64 flat indices of the masked patches in ``masks.flatten()`` order (DINOv2's
+    ``mask_indices_list``).
+
+    Made next to the masks, in the data workers: the training step then gathers the masked tokens
+    with ``index_select`` instead of boolean indexing, whose output size the host would have to
+    wait for (a device sync every step).
+    """
+    return masks.flatten().nonzero().squeeze(1)

@@ -73,15 +73,26 @@ class SoftmaxCenter(nn.Module):
 
     @torch.no_grad()
     def update(
-        self, teacher_logits: torch.Tensor, momentum: float, group: dist.ProcessGroup | None = None
+        self,
+        teacher_logits: torch.Tensor,
+        momentum: float,
+        group: dist.ProcessGroup | None = None,
+        skip: torch.Tensor | None = None,
     ) -> None:
-        """EMA step with the mean of ``teacher_logits`` (..., K) over all rows on all ranks."""
+        """EMA step with the mean of ``teacher_logits`` (..., K) over all rows on all ranks.
+
+        ``skip``: optional 0-dim device flag; where true the centre stays as it is (a step the
+        non-finite guard dropped), decided on the device without a host sync.
+        """
         flat = teacher_logits.detach().float().reshape(-1, self.center.shape[0])  # (n, K)
         stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])  # (K + 1,) sum, count
         if _distributed(group):
             dist.all_reduce(stats, group=group)
         batch_mean = stats[:-1] / stats[-1].clamp_min(1.0)
-        self.center.mul_(momentum).add_(batch_mean.to(self.center.dtype), alpha=1.0 - momentum)
+        new = self.center * momentum + batch_mean.to(self.center.dtype) * (1.0 - momentum)
+        if skip is not None:
+            new = torch.where(skip.to(torch.bool), self.center, new)
+        self.center.copy_(new)
 
 
 @torch.no_grad()

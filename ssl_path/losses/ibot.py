@@ -13,17 +13,23 @@ import torch.nn.functional as F
 __all__ = ["ibot_mask_weights", "ibot_patch_loss"]
 
 
-def ibot_mask_weights(masks: torch.Tensor) -> torch.Tensor:
+def ibot_mask_weights(masks: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token weights ``1 / n_masked(image)`` in ``x[masks]`` order, so every image counts once.
 
     Args:
         masks: (B, N) bool, True where the student saw the mask token.
+        indices: optional (M,) flat indices of the masked tokens in ``masks.flatten()`` (the batch's
+            ``mask_indices``, made by the data workers). With them this is a gather, no host sync;
+            without, boolean indexing has to read M on the host.
 
     Returns:
         (M,) float, M = masks.sum(); the weights of one image sum to 1.
     """
-    n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
-    return (1.0 / n_masked.float()).expand_as(masks)[masks]  # (B, N) -> (M,)
+    n_masked = masks.sum(dim=1).clamp(min=1)  # (B,)
+    per_image = 1.0 / n_masked.float()
+    if indices is not None:
+        return per_image.index_select(0, torch.div(indices, masks.shape[1], rounding_mode="floor"))
+    return per_image[:, None].expand_as(masks)[masks]  # (B, N) -> (M,)
 
 
 def ibot_patch_loss(

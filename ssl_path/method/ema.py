@@ -2,7 +2,8 @@
 
 ``teacher = m * teacher + (1 - m) * student`` over matching parameters, done with the ``_foreach``
 kernels (one launch per dtype/device bucket, as in ``dinov3/train/ssl_meta_arch.py::update_ema``).
-The caller decides *when*: once per optimiser step, never per micro-batch.
+The caller decides *when*: once per optimiser step, never per micro-batch. A step the non-finite
+guard skipped passes ``skip`` as a device flag, so the teacher stays put without a host sync.
 """
 
 from __future__ import annotations
@@ -10,10 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# bound on the temporary (1 - m) * student copy of the device-flag path: ~64M fp32 elements at a time
+_CHUNK_NUMEL = 1 << 26
+
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, m: float, skip: torch.Tensor | None = None) -> None:
     """In place: every teacher parameter ``t <- m * t + (1 - m) * s`` for the same-named student one.
+
+    Args:
+        teacher, student: modules with the same parameter names.
+        m: momentum in [0, 1].
+        skip: optional 0-dim bool/float tensor on the parameters' device; where it is true (1) the
+            update is the identity. It is never read on the host, so a skipped step costs no sync.
 
     Raises ``KeyError`` when the parameter names differ (teacher and student must share structure).
     Buffers are not averaged (ViT backbones and DINO heads have none that matter).
@@ -34,8 +44,29 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
         return
     t_params = [_local(t) for t in t_params]
     s_params = [_local(s) for s in s_params]
-    torch._foreach_mul_(t_params, m)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+    if skip is None:
+        torch._foreach_mul_(t_params, m)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+        return
+    # momentum as a device scalar: 1 on a skipped step. _foreach_mul_ takes a 0-dim tensor in one
+    # fused launch; there is no tensor-alpha add, so (1 - m) * s goes through a bounded temporary.
+    keep = torch.where(skip.to(device=t_params[0].device, dtype=torch.bool), 1.0, m).to(t_params[0].dtype)
+    torch._foreach_mul_(t_params, keep)
+    weight = 1.0 - keep
+    for lo, hi in _chunks(s_params):
+        torch._foreach_add_(t_params[lo:hi], torch._foreach_mul(s_params[lo:hi], weight))
+
+
+def _chunks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most ``_CHUNK_NUMEL`` elements (a single big tensor is its own)."""
+    out, lo, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        if size and size + t.numel() > _CHUNK_NUMEL:
+            out.append((lo, i))
+            lo, size = i, 0
+        size += t.numel()
+    out.append((lo, len(tensors)))
+    return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

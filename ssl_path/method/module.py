@@ -28,7 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ssl_path import losses as L_
+from ssl_path.data.masking import mask_indices as _mask_indices
 from ssl_path.method.ema import ema_update
+from ssl_path.method.nonfinite import NonFiniteGuard, apply_found_inf, clear_found_inf
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.parallel import parallelize
 from ssl_path.method.rng import get_rng_state, set_rng_state
@@ -38,10 +40,6 @@ from ssl_path.method.throughput import peak_flops_per_device
 log = logging.getLogger(__name__)
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive steps with a non-finite loss."""
 
 
 class DINOv2Module(L.LightningModule):
@@ -64,7 +62,8 @@ class DINOv2Module(L.LightningModule):
         centering: ``sinkhorn_knopp`` (DINOv2) or ``softmax`` (DINO's EMA centre).
         center_momentum: EMA momentum of the softmax centre.
         separate_ibot_head: a second head for iBOT (DINOv2 large configs) or the DINO head shared.
-        max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising.
+        max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
+            the device-side counters are read on logging steps and at the end (method/nonfinite.py).
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
         seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
     """
@@ -115,6 +114,7 @@ class DINOv2Module(L.LightningModule):
         self.centering = centering
         self.center_momentum = center_momentum
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.compile_blocks = compile_blocks
         self.seed = seed
         self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
@@ -127,12 +127,10 @@ class DINOv2Module(L.LightningModule):
             self.dino_center = L_.SoftmaxCenter(out_dim)
             self.ibot_center = L_.SoftmaxCenter(out_dim)
         self.schedules: Schedules | None = None  # needs the world size: built in setup()
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
-        self._skip_step = False
         self._pending_rng: dict | None = None
-        self._last_step_time: float | None = None
+        self._perf_mark: tuple[float, int] | None = None  # (time, global_step) at the last logging step
+        self._logging_step = False
         self._step_flops: dict[tuple, float] = {}
 
     @staticmethod
@@ -173,7 +171,8 @@ class DINOv2Module(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)
-        return build_optimizer(self.student, self.optim, use_fused=self.device.type == "cuda")
+        # fused on CPU and CUDA: it takes the non-finite skip flag on the device (see method/nonfinite.py)
+        return build_optimizer(self.student, self.optim, use_fused=self.device.type in ("cpu", "cuda"))
 
     def train(self, mode: bool = True) -> DINOv2Module:
         """The teacher stays in eval mode whatever Lightning asks (no drop path, fixed norms)."""
@@ -185,11 +184,11 @@ class DINOv2Module(L.LightningModule):
     @torch.no_grad()
     def teacher_output(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
         """Teacher targets: ``cls_probs`` (n_g, B, K), ``ibot_probs`` (M, K); raw logits for centring."""
-        crops, masks = batch["global_crops"], batch["masks"]  # (n_g*B, 3, G, G), (n_g*B, N)
+        crops = batch["global_crops"]  # (n_g*B, 3, G, G)
         n_g = int(batch["n_global_crops"])
         out = self.teacher["backbone"](crops)  # cls (n_g*B, D), patch (n_g*B, N, D)
         cls_logits = self.teacher["dino_head"](out["cls"])  # (n_g*B, K)
-        ibot_logits = self.teacher["ibot_head"](out["patch"][masks])  # (M, K)
+        ibot_logits = self.teacher["ibot_head"](_masked_tokens(out["patch"], batch))  # (M, K)
         if self.centering == "softmax":
             cls_probs = self.dino_center.apply(cls_logits, teacher_temp)
             ibot_probs = self.ibot_center.apply(ibot_logits, teacher_temp)
@@ -212,7 +211,7 @@ class DINOv2Module(L.LightningModule):
         if n_l > 0:
             cls_tokens.append(self.student["backbone"](batch["local_crops"])["cls"])  # (n_l*B, D)
         cls_logits = self.student["dino_head"](torch.cat(cls_tokens))  # ((n_g+n_l)*B, K)
-        ibot_logits = self.student["ibot_head"](g["patch"][masks])  # (M, K)
+        ibot_logits = self.student["ibot_head"](_masked_tokens(g["patch"], batch))  # (M, K)
         return {
             "cls_logits": cls_logits.unflatten(0, (n_g + n_l, -1)),
             "ibot_logits": ibot_logits,
@@ -231,7 +230,7 @@ class DINOv2Module(L.LightningModule):
             out["dino"] = L_.dino_loss(student["cls_logits"], teacher["cls_probs"], self.student_temp)
         if self.weights["ibot"] > 0:
             # each image weighs the same whatever its number of masked patches (DINOv2 masks_weight)
-            weights = L_.ibot_mask_weights(masks)  # (M,)
+            weights = L_.ibot_mask_weights(masks, mask_indices(batch))  # (M,)
             out["ibot"] = L_.ibot_patch_loss(
                 student["ibot_logits"], teacher["ibot_probs"], weights, self.student_temp
             )
@@ -271,54 +270,28 @@ class DINOv2Module(L.LightningModule):
         teacher = self.teacher_output(batch, values.teacher_temp)
         student = self.student_output(batch)
         losses = self.compute_losses(student, teacher, batch)
-        finite = self._finite_on_all_ranks(losses["total"])
-        self._log_step(losses, values, batch)
-        if not finite:
-            return self._skip_nonfinite(losses)  # a zero loss: every rank backwards, nobody steps
-        self.nonfinite_in_a_row = 0
+        # no host sync: a non-finite loss sets a device flag; backward still runs on every rank (DDP),
+        # and the fused optimiser, the EMA and the centre leave everything as it was (nonfinite.py)
+        bad = self.nonfinite.observe(losses)
+        self._logging_step = self._logs_this_step()
+        if self._logging_step:
+            self._log_step(losses, values, batch)
         if self.centering == "softmax":
-            self.dino_center.update(teacher["cls_logits"], self.center_momentum)
-            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum)
+            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=bad)
+            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=bad)
         return losses["total"]
 
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).to(torch.float32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank skips, or none does
-        return bool(flag.item())
+    @property
+    def nonfinite_total(self) -> int:
+        """Optimiser steps skipped for a non-finite loss or gradient (reads a device counter)."""
+        return self.nonfinite.total
 
-    def _skip_nonfinite(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Count the step, raise after too many in a row, else return a zero loss for a no-op step.
-
-        Lightning forbids returning None under DDP, so the step is skipped in two halves: backward of
-        ``0 * sum(params)`` gives every parameter a zero gradient (DDP's all-reduce still matches on
-        every rank), and ``on_before_optimizer_step`` then drops all gradients, so AdamW does nothing
-        (no update, no moment decay) and the EMA is not applied.
-        """
-        self._skip_step = True
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        terms = {k: float(v.detach()) for k, v in losses.items()}
-        log.warning(
-            "non-finite loss at step %d (%d in a row), step skipped: %s",
-            self.global_step,
-            self.nonfinite_in_a_row,
-            terms,
-        )
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"loss was non-finite for {self.nonfinite_in_a_row} consecutive steps (limit "
-                f"method.max_nonfinite_steps={self.max_nonfinite_steps}) at step {self.global_step}; "
-                f"last loss terms: {terms}. Lower the lr, check the data, or resume earlier."
-            )
-        return sum(p.sum() for p in self.student.parameters() if p.requires_grad) * 0.0
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return self.nonfinite.in_a_row
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._skip_step:  # a non-finite micro-batch in this step: AdamW skips params without grads
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-        elif self.schedule_at(self.global_step).last_layer_frozen:
+        if self.schedule_at(self.global_step).last_layer_frozen:
             self._drop_last_layer_grads(optimizer)
 
     @staticmethod
@@ -336,8 +309,9 @@ class DINOv2Module(L.LightningModule):
                 "(the module clips, so fused AdamW works with bf16) and leave trainer.gradient_clip_val null"
             )
         norm = self.clip_gradients_(optimizer)
-        if norm is not None:
+        if norm is not None and self._logging_step:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        apply_found_inf(optimizer, self.nonfinite.found_inf(norm))
 
     def clip_gradients_(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """Global-norm clipping to ``optim.clip_grad`` (0 = none); returns the norm before clipping."""
@@ -366,28 +340,35 @@ class DINOv2Module(L.LightningModule):
             teacher = self.teacher_output(batch, values.teacher_temp)
             student = self.student_output(batch)
             losses = self.compute_losses(student, teacher, batch)
+        bad = self.nonfinite.observe(losses)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if values.last_layer_frozen:
             self._drop_last_layer_grads(optimizer)
         grad_norm = self.clip_gradients_(optimizer)
+        found_inf = self.nonfinite.found_inf(grad_norm)
+        apply_found_inf(optimizer, found_inf)
         optimizer.step()
-        ema_update(self.teacher, self.student, values.momentum)
+        clear_found_inf(optimizer)
+        ema_update(self.teacher, self.student, values.momentum, skip=found_inf)
         if self.centering == "softmax":
-            self.dino_center.update(teacher["cls_logits"], self.center_momentum)
-            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum)
+            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=bad)
+            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=bad)
+        self.nonfinite.end_step()
         out = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm.detach()
+        out["skipped"] = found_inf
         return out
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        skipped, self._skip_step = self._skip_step, False
-        if not skipped:
-            ema_update(self.teacher, self.student, self.schedule_at(step).momentum)
+        clear_found_inf(optimizer)
+        skip = self.nonfinite.step_found_inf  # None: no clipping hook ran (then nothing was found)
+        ema_update(self.teacher, self.student, self.schedule_at(step).momentum, skip=skip)
+        self.nonfinite.end_step()
 
     # ------------------------------------------------------------------ logging
     def _log_step(self, losses: dict[str, torch.Tensor], values: ScheduleValues, batch: dict) -> None:
@@ -399,22 +380,15 @@ class DINOv2Module(L.LightningModule):
                 "train/momentum": values.momentum,
                 "train/teacher_temp": values.teacher_temp,
                 "train/last_layer_frozen": float(values.last_layer_frozen),
-                "train/nonfinite_steps": float(self.nonfinite_total),
+                "train/nonfinite_steps": self.nonfinite.total_tensor(self.device),
                 "train/masked_fraction": batch["masks"].float().mean(),
             }
         )
         for key, value in (batch.get("data_stats") or {}).items():
             if isinstance(value, int | float) or (torch.is_tensor(value) and value.numel() == 1):
                 metrics[f"data/{key}"] = float(value)
+        # no prog_bar metric: Lightning reads those at every batch end (method/progress.py shows the loss)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.batch_size)
-        self.log(
-            "loss",
-            losses["total"].detach(),
-            prog_bar=True,
-            on_step=True,
-            logger=False,
-            batch_size=self.batch_size,
-        )
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if (
@@ -423,16 +397,36 @@ class DINOv2Module(L.LightningModule):
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+    def _logs_this_step(self) -> bool:
+        """Log (and so read device values) only on the steps Lightning writes to the logger,
+        ``(step + 1) % log_every_n_steps == 0``, plus the first and the last step (for summaries).
+
+        Lightning turns progress-bar metrics into Python numbers at every batch end and a logged
+        float becomes a host-to-device copy, so logging every step would sync every step.
+        """
+        step, n = self.global_step, self.trainer.log_every_n_steps
+        last = self.trainer.max_steps is not None and 0 < self.trainer.max_steps <= step + 1
+        return (n > 0 and (step + 1) % n == 0) or step == 0 or last
+
     def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            dt = now - self._last_step_time
-            images = self.batch_size * self.trainer.world_size
+        if not self._logging_step:
+            return
+        self.nonfinite.check(self.global_step)  # the only host read of the counters
+        # throughput over all steps since the last logging step: device work is queued asynchronously,
+        # so one step's wall time says little; the synced interval says how fast the run goes
+        now, step = time.perf_counter(), self.global_step
+        if self._perf_mark is not None and step > self._perf_mark[1]:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+            dt = (now - self._perf_mark[0]) / (step - self._perf_mark[1])
+            images = self.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
             self.log("perf/images_per_s", images / dt, on_step=True, on_epoch=False)
             peak = peak_flops_per_device(self.device, self.trainer.precision)
             if peak:
-                self.log("perf/mfu", self.step_flops(batch) / dt / peak, on_step=True, on_epoch=False)
-        self._last_step_time = now
+                flops = self.step_flops(batch) * self.trainer.accumulate_grad_batches
+                self.log("perf/mfu", flops / dt / peak, on_step=True, on_epoch=False)
+        self._perf_mark = (now, step)
 
     def step_flops(self, batch: dict[str, Any]) -> float:
         """Training FLOPs of one step on this device: 3x forward for the student, 1x for the teacher."""
@@ -446,6 +440,9 @@ class DINOv2Module(L.LightningModule):
         return self._step_flops[key]
 
     # ------------------------------------------------------------------ checkpoint state
+    def on_train_end(self) -> None:
+        self.nonfinite.check(self.global_step)
+
     def on_train_start(self) -> None:
         # distinct drop-path noise per rank; the same on every restart (runs before the data iterator)
         if self.trainer.world_size > 1:
@@ -457,7 +454,7 @@ class DINOv2Module(L.LightningModule):
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, get_rng_state())
         checkpoint["rng_states"] = states  # one per rank
-        checkpoint["nonfinite"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
+        checkpoint["nonfinite"] = self.nonfinite.state_dict()
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
 
@@ -472,9 +469,7 @@ class DINOv2Module(L.LightningModule):
                 len(states),
                 self._world_size_or_one(),
             )
-        counts = checkpoint.get("nonfinite", {})
-        self.nonfinite_in_a_row = counts.get("in_a_row", 0)
-        self.nonfinite_total = counts.get("total", 0)
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite", {}))
 
     def _world_size_or_one(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -497,3 +492,16 @@ def build_schedules(
 
 def _head_out_dim(head: nn.Module) -> int:
     return head.last_layer.out_features  # DINOHead's prototype layer
+
+
+def mask_indices(batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's ``mask_indices`` (made by the data workers), else computed here (a host sync)."""
+    indices = batch.get("mask_indices")
+    if indices is None:
+        indices = batch["mask_indices"] = _mask_indices(batch["masks"])
+    return indices
+
+
+def _masked_tokens(patch: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """(n_g*B, N, D) patch tokens -> (M, D) at the masked positions, in ``masks.flatten()`` order."""
+    return patch.flatten(0, 1).index_select(0, mask_indices(batch))

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ssl_path.data.masking import mask_indices
+
 
 def synthetic_batch(
     batch_size: int,
@@ -19,7 +21,8 @@ def synthetic_batch(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """``global_crops`` (n_g*B, 3, G, G), ``local_crops`` (n_l*B, 3, L, L), ``masks`` (n_g*B, (G/p)^2).
+    """``global_crops`` (n_g*B, 3, G, G), ``local_crops`` (n_l*B, 3, L, L), ``masks`` (n_g*B, (G/p)^2),
+    ``mask_indices`` (M,).
 
     The first ``int(n_g * B * mask_probability)`` global crops get ``mask_ratio`` of their patches
     masked at random positions (crop-major order, like ``ssl_path.data``'s collate).
@@ -35,6 +38,7 @@ def synthetic_batch(
     batch: dict[str, Any] = {
         "global_crops": torch.randn(n_crops, 3, global_crop_size, global_crop_size, generator=g),
         "masks": masks,
+        "mask_indices": mask_indices(masks),
         "n_global_crops": n_global_crops,
         "n_local_crops": n_local_crops,
         "data_stats": {},

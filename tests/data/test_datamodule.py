@@ -54,6 +54,8 @@ def test_config_variants_build_batches(name: str, tiled_root: Path) -> None:
     assert batch["global_crops"].shape == (4, 3, 224, 224) and batch["global_crops"].dtype == torch.float32
     assert batch["local_crops"].shape == (4, 3, 98, 98)
     assert batch["masks"].shape == (4, 256) and batch["masks"].dtype == torch.bool
+    # the step gathers masked tokens with these (no boolean indexing on the device)
+    assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().squeeze(1))
     assert (batch["n_global_crops"], batch["n_local_crops"]) == (2, 2)
     assert batch["data_stats"]["samples"] == 2 and "tiles" not in batch
 

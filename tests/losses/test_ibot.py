@@ -31,3 +31,16 @@ def test_no_masked_tokens_gives_zero_in_the_graph():
     student = torch.randn(0, 8, requires_grad=True)
     loss = ibot_patch_loss(student, torch.zeros(0, 8), torch.zeros(0), 0.1)
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_mask_weights_from_indices_match_boolean_indexing() -> None:
+    from ssl_path.data import mask_indices
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 20, generator=g) < 0.3
+    masks[2] = False  # an unmasked crop contributes nothing
+    idx = mask_indices(masks)
+    assert idx.shape == (int(masks.sum()),)
+    torch.testing.assert_close(ibot_mask_weights(masks, idx), ibot_mask_weights(masks), rtol=0, atol=0)
+    tokens = torch.randn(6, 20, 4, generator=g)
+    assert torch.equal(tokens.flatten(0, 1).index_select(0, idx), tokens[masks])

@@ -45,3 +45,17 @@ def test_ema_rejects_mismatched_models_and_bad_momentum():
         ema_update(nn.Sequential(nn.Linear(4, 3)), student, 0.5)
     with pytest.raises(ValueError, match="momentum"):
         ema_update(teacher, student, 1.5)
+
+
+@pytest.mark.parametrize("chunk", [1 << 26, 5])  # one chunk, or a temporary per few elements
+def test_ema_device_flag_skips_or_matches_formula(monkeypatch, chunk):
+    import ssl_path.method.ema as ema
+
+    monkeypatch.setattr(ema, "_CHUNK_NUMEL", chunk)
+    teacher, student = _pair()
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9, skip=torch.tensor(1.0))
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    ema_update(teacher, student, 0.9, skip=torch.tensor(False))
+    for b, t, s in zip(before, teacher.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s.detach(), rtol=0, atol=1e-6)

@@ -1,0 +1,164 @@
+"""The training step never makes the host wait for the device (outside logging steps).
+
+A CUDA sync is what `.item()`, `bool(t)`, boolean-mask indexing and `nonzero` cost: the host must
+know a value (or an output size) computed on the device. These ops are visible on the CPU too, as
+aten calls, so a TorchDispatchMode that records them proves the step sync-free without a GPU.
+"""
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader
+
+from ssl_path.method import DINOv2Module, OptimConfig, synthetic_batch
+from ssl_path.models import DINOHead, create_backbone
+
+aten = torch.ops.aten
+# ops whose result the host must read: a device->host copy, or an output size that depends on data
+_SYNC_OPS = {
+    aten._local_scalar_dense.default,  # .item(), float(t), int(t), bool(t)
+    aten.is_nonzero.default,
+    aten.equal.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.masked_scatter.default,
+    aten.unique_dim.default,
+    aten._unique2.default,
+    aten.repeat_interleave.Tensor,
+}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records every aten op above, plus indexing with a boolean mask (it calls nonzero inside)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS:
+            self.syncs.append(str(func))
+        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", [])
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                self.syncs.append(f"{func} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+def _module(**overrides) -> DINOv2Module:
+    torch.manual_seed(0)
+    kwargs = dict(
+        backbone=functools.partial(
+            create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.1, reg_tokens=1
+        ),
+        head=functools.partial(DINOHead, out_dim=32, hidden_dim=32, bottleneck_dim=16, nlayers=2),
+        optim=OptimConfig(lr=0.05, warmup_steps=1),
+        batch_size=2,
+        total_steps=10,
+        teacher_temp_warmup_steps=2,
+        freeze_last_layer_steps=1,
+        koleo_weight=0.1,
+        kde_weight=0.1,
+    )
+    kwargs.update(overrides)
+    return DINOv2Module(**kwargs)
+
+
+def _batch(seed: int = 0, poison: bool = False) -> dict:
+    b = synthetic_batch(2, 2, 2, 32, 16, patch_size=16, mask_probability=0.5, mask_ratio=0.5, seed=seed)
+    if poison:
+        b["global_crops"][0, 0, 0, 0] = float("nan")
+    return b
+
+
+def _manual_steps(module: DINOv2Module, batches: list[dict], optimizer=None) -> tuple[list[str], list]:
+    module.set_global_batch_size(2)
+    optimizer = optimizer or module.configure_optimizers()
+    outs = []
+    with SyncRecorder() as rec:
+        for step, batch in enumerate(batches):
+            outs.append(module.manual_step(batch, optimizer, step=step))
+    return rec.syncs, outs
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
+def test_manual_step_is_sync_free_including_a_skipped_step(centering):
+    module = _module(centering=centering)
+    syncs, outs = _manual_steps(module, [_batch(0), _batch(1, poison=True), _batch(2)])
+    assert syncs == []
+    assert [float(o["skipped"]) for o in outs] == [0.0, 1.0, 0.0]  # read after the steps, not during
+    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+
+
+def test_recorder_sees_the_syncs_it_is_meant_to_catch():
+    """Control: the same step does sync when the batch lacks mask_indices or the optimiser is not fused."""
+    module = _module()
+    batch = _batch(0)
+    del batch["mask_indices"]
+    syncs, _ = _manual_steps(module, [batch])
+    assert "aten.nonzero.default" in syncs
+
+    module = _module()
+    module.set_global_batch_size(2)
+    foreach = torch.optim.AdamW(module.student.parameters(), lr=1e-3, foreach=True)
+    for g in foreach.param_groups:
+        g.update(lr_mult=1.0, wd_mult=1.0, is_last_layer=False)
+    syncs, _ = _manual_steps(module, [_batch(0)], optimizer=foreach)
+    assert any("_local_scalar_dense" in s or "is_nonzero" in s for s in syncs)
+
+    with SyncRecorder() as rec:
+        x = torch.randn(4, 3)
+        x[x[:, 0] > 0]
+    assert rec.syncs and "boolean mask" in rec.syncs[0]
+
+
+class _RecordSyncs(L.Callback):
+    """Records syncs from one batch start to the next: the training step, backward, clipping, the
+    optimiser, the EMA and every batch-end hook (the module's runs after the callbacks')."""
+
+    def __init__(self):
+        self.per_step: list[list[str]] = []
+        self._mode = None
+
+    def _close(self):
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.per_step.append(self._mode.syncs)
+            self._mode = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._close()
+        self._mode = SyncRecorder().__enter__()
+
+    def on_train_end(self, trainer, module):
+        self._close()
+
+
+def test_lightning_steps_are_sync_free_between_logging_steps():
+    module = _module(max_nonfinite_steps=2)
+    rec = _RecordSyncs()
+    batches = [_batch(i, poison=(i == 2)) for i in range(6)]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=4,
+        callbacks=[rec],
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None, collate_fn=lambda x: x))
+    assert len(rec.per_step) == 6
+    # Lightning writes step metrics when (step + 1) % 4 == 0; the module also logs the first and the
+    # last step. Only those read device values; the others, the skipped step 2 included, never do.
+    for i, syncs in enumerate(rec.per_step):
+        if i not in (0, 3, 5):
+            assert syncs == [], (i, syncs)
+    assert module.nonfinite_total == 1
+    assert trainer.callback_metrics["train/nonfinite_steps"].item() == 1
