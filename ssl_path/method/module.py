@@ -65,6 +65,8 @@ class DINOv2Module(L.LightningModule):
         max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
             the device-side counters are read on logging steps and at the end (method/nonfinite.py).
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
+        compile_options: keyword arguments of ``nn.Module.compile`` for the blocks (e.g. ``mode``,
+            ``backend``); ``dynamic`` defaults to False (one static graph per crop shape).
         seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
     """
 
@@ -92,6 +94,7 @@ class DINOv2Module(L.LightningModule):
         separate_ibot_head: bool = True,
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
+        compile_options: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -116,6 +119,7 @@ class DINOv2Module(L.LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.compile_blocks = compile_blocks
+        self.compile_options = {"dynamic": False, **dict(compile_options or {})}
         self.seed = seed
         self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
         self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
@@ -162,12 +166,14 @@ class DINOv2Module(L.LightningModule):
     def _compile_blocks(self) -> None:
         blocks = [b for m in (self.student, self.teacher) for b in m["backbone"].vit.blocks]
         for block in blocks:
-            block.compile()  # in place: state-dict keys stay free of "_orig_mod."
-        # dynamo guards on each block's own constants (drop-path rate), crop shape and grad mode, so it
-        # needs a variant per (block, shape, mode); the default limit (8) would send most blocks to eager
+            block.compile(**self.compile_options)  # in place: state-dict keys stay free of "_orig_mod."
+        # All blocks share Block.forward's code, so dynamo keys one cache on it: a graph per (crop shape,
+        # train/eval, grad mode), shared by every block because drop-path rates are buffers
+        # (models/drop_path.py). Teacher, student global and local crops make 3; the limit (8) leaves room
+        # for a second global size; past it a block runs eager, so raise it for unusual crop mixes.
         dynamo = torch._dynamo.config
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, name, max(getattr(dynamo, name), 4 * len(blocks)))
+        setattr(dynamo, name, max(getattr(dynamo, name), 16))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)

@@ -24,11 +24,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from timm.layers import DropPath, SwiGLUPacked
+from timm.layers import SwiGLUPacked
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from ssl_path.models.drop_path import TensorRateDropPath
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 
@@ -140,6 +142,9 @@ class Backbone(nn.Module):
         """
         self.vit.init_weights(needs_reset=True)
         self.mask_token.zero_()
+        for module in self.modules():
+            if isinstance(module, TensorRateDropPath):
+                module.reset_parameters()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -188,6 +193,11 @@ def _mlp_ratio(embed_dim: int, mlp_ratio: float, preset_swiglu: bool, swiglu: bo
     return (gelu_hidden + 0.5) / embed_dim
 
 
+def _drop_prob(module: nn.Module) -> float:
+    """The rate timm gave a block's drop path (``nn.Identity`` for rate 0)."""
+    return float(getattr(module, "drop_prob", 0.0))
+
+
 def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
     """Build the timm ViT from a preset's literal ``arch`` dict and the shared training options."""
     if opts.reg_tokens < 0:
@@ -213,11 +223,13 @@ def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
     if swiglu:
         kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     vit = VisionTransformer(**kwargs)
-    if opts.drop_path_uniform and opts.drop_path_rate > 0:
-        # DINOv2 `drop_path_uniform`: the same rate in every block instead of timm's linear ramp.
+    if opts.drop_path_rate > 0:
+        # timm's linear ramp (or DINOv2's `drop_path_uniform`: the same rate in every block), with the
+        # rate held as a buffer so that torch.compile'd blocks share one graph (models/drop_path.py)
         for block in vit.blocks:
-            block.drop_path1 = DropPath(opts.drop_path_rate)
-            block.drop_path2 = DropPath(opts.drop_path_rate)
+            rate = opts.drop_path_rate if opts.drop_path_uniform else _drop_prob(block.drop_path1)
+            block.drop_path1 = TensorRateDropPath(rate)
+            block.drop_path2 = TensorRateDropPath(rate)
     backbone = Backbone(vit, timm_arch=arch["timm_arch"], timm_kwargs=kwargs)
     if opts.pretrained_path is not None:
         load_pretrained(backbone, opts.pretrained_path)

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from timm.layers import DropPath
 from timm.models import group_parameters
 
 from ssl_path.models import DINOHead, create_backbone, export_filter, list_backbones
+from ssl_path.models.drop_path import TensorRateDropPath
 
 PRESETS = [
     "vit_tiny",
@@ -155,7 +155,8 @@ def test_options_drop_path_swiglu_registers():
         swiglu = create_backbone("vit_s14", swiglu=True)
         virchow = create_backbone("vit_h14")
     assert all(
-        isinstance(b.drop_path1, DropPath) and b.drop_path1.drop_prob == 0.2 for b in uniform.vit.blocks
+        isinstance(b.drop_path1, TensorRateDropPath) and b.drop_path1.drop_prob == 0.2
+        for b in uniform.vit.blocks
     )
     assert uniform.vit.reg_token.shape == (1, 8, 384) and gelu.vit.reg_token is None
     size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
