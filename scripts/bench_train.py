@@ -13,6 +13,13 @@ decode JPEGs; with ``--device-augment`` the crops/colour/HED/blur run on the GPU
     # CPU smoke (CI): tiny ViT, small crops
     python scripts/bench_train.py --device cpu --configs vit_tiny:2 --global-size 64 --local-size 32 \
         --n-local 2 --out-dim 1024 --steps 2 --warmup 1
+    # one optimisation before/after in the same run: --baseline gives the "before" overrides; each config
+    # runs baseline and current alternately (--rounds) and the row reports ratio_vs_baseline
+    python scripts/bench_train.py --configs vit_l16:64 --compile \
+        --baseline model.backbone.drop_path_subset=false
+
+``--set KEY=VALUE`` (repeatable) passes any other hydra override, e.g.
+``--set method.compile_options.mode=max-autotune-no-cudagraphs``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from ssl_path.method import DINOv2Module
-from ssl_path.method.optim import build_optimizer
 from ssl_path.method.synthetic import synthetic_batch
 from ssl_path.method.throughput import peak_flops_per_device
 from ssl_path.train import build_module
@@ -38,7 +44,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REFERENCE = {"vit_s16": (685, 23.3), "vit_b16": (367, 19.4), "vit_l16": (158, 42.8)}
 
 
-def compose_cfg(preset: str, args: argparse.Namespace, batch_size: int):
+def compose_cfg(preset: str, args: argparse.Namespace, batch_size: int, extra: list[str] = ()):
     overrides = [
         f"model={preset}",
         f"model.head.out_dim={args.out_dim}",
@@ -57,6 +63,7 @@ def compose_cfg(preset: str, args: argparse.Namespace, batch_size: int):
             f"data.augmentation.global_crop_size={args.global_size}",
             f"data.augmentation.local_crop_size={_local_size(preset, args)}",
         ]
+    overrides += [*args.set, *extra]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -71,13 +78,13 @@ def _local_size(preset: str, args: argparse.Namespace) -> int:
     return 98 if _patch(preset) == 14 else 96
 
 
-def build(preset: str, batch_size: int, args: argparse.Namespace, device: torch.device):
-    cfg = compose_cfg(preset, args, batch_size)
+def build(preset: str, batch_size: int, args: argparse.Namespace, device: torch.device, extra=()):
+    cfg = compose_cfg(preset, args, batch_size, list(extra))
     module: DINOv2Module = build_module(cfg)
     module.set_global_batch_size(batch_size)
     module.to(device)
     module.configure_model()  # compiles blocks in place when asked
-    optimizer = build_optimizer(module.student, module.optim, use_fused=device.type == "cuda")
+    optimizer = module.configure_optimizers()  # the Trainer's AdamW: fused on CPU and CUDA
     return cfg, module, optimizer
 
 
@@ -130,8 +137,10 @@ def time_steps(module, optimizer, batches, args, device) -> tuple[float, dict, d
     return elapsed, {k: float(v) for k, v in losses.items()}, batch
 
 
-def bench_one(preset: str, batch_size: int, args: argparse.Namespace, device: torch.device) -> dict:
-    cfg, module, optimizer = build(preset, batch_size, args, device)
+def bench_one(
+    preset: str, batch_size: int, args: argparse.Namespace, device: torch.device, extra: list[str] = ()
+) -> dict:
+    cfg, module, optimizer = build(preset, batch_size, args, device, extra)
     torch.manual_seed(0)
     mode = "full_loop" if args.data else "step"
     batches = real_batches(cfg, device) if args.data else synthetic_batches(preset, batch_size, args, device)
@@ -155,6 +164,7 @@ def bench_one(preset: str, batch_size: int, args: argparse.Namespace, device: to
         else None,
         "loss_total": round(losses["total"], 4),
         "torch": torch.__version__,
+        "overrides": [*args.set, *extra],
     }
     if preset in REFERENCE and device.type == "cuda":
         ref_ips, ref_mem = REFERENCE[preset]
@@ -170,6 +180,8 @@ def bench_one(preset: str, batch_size: int, args: argparse.Namespace, device: to
 def markdown(rows: list[dict]) -> str:
     cols = [
         "model",
+        "run",
+        "ratio_vs_baseline",
         "mode",
         "batch_size",
         "img_per_s",
@@ -182,6 +194,7 @@ def markdown(rows: list[dict]) -> str:
         "compile",
         "precision",
     ]
+    cols = [c for c in cols if c not in ("run", "ratio_vs_baseline") or any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -204,6 +217,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8, help="data workers for --data")
     p.add_argument("--device-augment", action="store_true", help="GPU augmentation path for --data")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra hydra override")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of a 'before' run timed alternately with the current one (ratio_vs_baseline)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="baseline/current alternations with --baseline")
     args = p.parse_args(argv)
     if args.n_global != 2:
         p.error("--n-global: the synthetic batch and the data contract use 2 global crops")
@@ -217,14 +239,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for item in args.configs.split(","):
         preset, batch_size = item.split(":")
-        row = bench_one(preset, int(batch_size), args, device)
-        print(json.dumps(row), flush=True)
-        if args.json_out:
-            with open(args.json_out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        rows.append(row)
+        if args.baseline:
+            rows += _compare(preset, int(batch_size), args, device)
+        else:
+            rows.append(_emit(bench_one(preset, int(batch_size), args, device), args))
     print(markdown(rows), flush=True)
     return rows
+
+
+def _emit(row: dict, args: argparse.Namespace) -> dict:
+    print(json.dumps(row), flush=True)
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _compare(preset: str, batch_size: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Baseline and current alternately, ``--rounds`` times; the best s/step of each decides the ratio
+    (the minimum is the least disturbed by other load on the machine)."""
+    runs: dict[str, list[dict]] = {"baseline": [], "current": []}
+    for _ in range(args.rounds):
+        for label, extra in (("baseline", args.baseline), ("current", [])):
+            runs[label].append(bench_one(preset, batch_size, args, device, extra))
+    best = {label: min(rs, key=lambda r: r["s_per_step"]) for label, rs in runs.items()}
+    ratio = round(best["baseline"]["s_per_step"] / best["current"]["s_per_step"], 3)
+    out = []
+    for label in ("baseline", "current"):
+        row = dict(best[label], run=label, ratio_vs_baseline=ratio if label == "current" else 1.0)
+        row["s_per_step_all"] = [r["s_per_step"] for r in runs[label]]
+        out.append(_emit(row, args))
+    return out
 
 
 if __name__ == "__main__":

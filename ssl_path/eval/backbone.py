@@ -26,7 +26,12 @@ log = logging.getLogger(__name__)
 
 TEACHER_PREFIX = "teacher.backbone."
 # kwargs of create_backbone that only matter for training; eval builds without them
-_TRAIN_ONLY = {"drop_path_rate": 0.0, "drop_path_uniform": False, "pretrained_path": None}
+_TRAIN_ONLY = {
+    "drop_path_rate": 0.0,
+    "drop_path_uniform": False,
+    "drop_path_subset": True,
+    "pretrained_path": None,
+}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

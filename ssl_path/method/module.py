@@ -169,11 +169,13 @@ class DINOv2Module(L.LightningModule):
             block.compile(**self.compile_options)  # in place: state-dict keys stay free of "_orig_mod."
         # All blocks share Block.forward's code, so dynamo keys one cache on it: a graph per (crop shape,
         # train/eval, grad mode), shared by every block because drop-path rates are buffers
-        # (models/drop_path.py). Teacher, student global and local crops make 3; the limit (8) leaves room
-        # for a second global size; past it a block runs eager, so raise it for unusual crop mixes.
+        # (models/drop_path.py): teacher, student global and student local crops make 3. Subset drop path
+        # on a ramp (rates > 0.1 differ per block) needs a graph per rate and shape: the limit covers it,
+        # since past it a block would silently run eager.
         dynamo = torch._dynamo.config
         name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, name, max(getattr(dynamo, name), 16))
+        n_student = len(self.student["backbone"].vit.blocks)
+        setattr(dynamo, name, max(getattr(dynamo, name), 2 * n_student + 8))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)

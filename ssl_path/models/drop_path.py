@@ -1,19 +1,27 @@
-"""Stochastic depth whose rate is a buffer, so compiled blocks share one graph.
+"""Stochastic depth (Huang et al. 2016, arXiv:1603.09382), cheap: rate as a buffer, dropped samples skipped.
 
+**Rate as a buffer.**
 timm's ``DropPath`` keeps its rate as a Python float. ``torch.compile`` specialises on such
 constants, so with timm's linear ramp every block of the student is its own graph: 12-24 compiles
 per crop shape instead of one, and past dynamo's recompile limit the remaining blocks silently run
 eager. Holding the keep-probability in a (non-persistent) buffer makes it graph data; all blocks then
-reuse the graph compiled for the first. Same maths as timm's per-sample ``drop_path`` (Huang et al.
-2016, arXiv:1603.09382): drop the residual branch per sample, scale kept ones by ``1 / keep``.
+reuse the graph compiled for the first. Same maths as timm's per-sample ``drop_path``: drop the
+residual branch per sample, scale kept ones by ``1 / keep``.
+
+**Dropped samples skipped** (``SubsetDropPathBlock``, DINOv2's efficient stochastic depth): masking a
+branch's output still pays its FLOPs; above a rate of 0.1 the branch runs on the kept samples only.
+At DINOv2's ViT-L rate 0.3 that removes 30% of the student's block compute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
-__all__ = ["TensorRateDropPath"]
+__all__ = ["SUBSET_MIN_RATE", "SubsetDropPathBlock", "TensorRateDropPath", "subset_residual"]
 
 
 class TensorRateDropPath(nn.Module):
@@ -47,3 +55,43 @@ class TensorRateDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+# DINOv2 runs a branch on the kept samples only above this rate (below it the bookkeeping costs more
+# than the compute it saves); dinov2/layers/block.py uses the same threshold
+SUBSET_MIN_RATE = 0.1
+
+
+def subset_residual(
+    x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], drop_prob: float
+) -> torch.Tensor:
+    """``x + drop_path(branch(x))`` computing ``branch`` on the kept samples only.
+
+    DINOv2's efficient stochastic depth (``drop_add_residual_stochastic_depth``): exactly
+    ``keep = max(int(B * (1 - p)), 1)`` random samples go through the branch and their residual is
+    scaled by ``B / keep``, so the expectation matches per-sample Bernoulli drop path while the
+    branch costs ``keep / B`` of its FLOPs. ``keep`` depends only on B and p, so shapes stay static.
+    """
+    b = x.shape[0]
+    keep = max(int(b * (1.0 - drop_prob)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    residual = branch(x.index_select(0, idx))
+    return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=b / keep)
+
+
+class SubsetDropPathBlock(Block):
+    """timm's ``Block`` whose training forward skips the dropped samples' compute (``subset_residual``)
+    when its drop-path rate exceeds ``SUBSET_MIN_RATE``; otherwise, and in eval, timm's forward.
+
+    Same parameters and state-dict keys as ``Block`` (``VisionTransformer(block_fn=...)``), so exported
+    weights load into a plain timm ViT.
+    """
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        rate = getattr(self.drop_path1, "drop_prob", 0.0)
+        if not self.training or rate <= SUBSET_MIN_RATE or attn_mask is not None or is_causal:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
+        return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)

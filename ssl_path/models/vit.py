@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_path.models.drop_path import TensorRateDropPath
+from ssl_path.models.drop_path import SubsetDropPathBlock, TensorRateDropPath
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 
@@ -45,6 +45,7 @@ class BackboneOptions:
     img_size: int = 224
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = False
+    drop_path_subset: bool = True
     reg_tokens: int = 4
     init_values: float | None = 1e-5
     swiglu: bool | None = None
@@ -222,7 +223,9 @@ def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
     )
     if swiglu:
         kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
-    vit = VisionTransformer(**kwargs)
+    # block_fn stays out of timm_kwargs: same weights as timm's Block, so exports rebuild a plain timm ViT
+    block_fn = {"block_fn": SubsetDropPathBlock} if opts.drop_path_subset and opts.drop_path_rate > 0 else {}
+    vit = VisionTransformer(**kwargs, **block_fn)
     if opts.drop_path_rate > 0:
         # timm's linear ramp (or DINOv2's `drop_path_uniform`: the same rate in every block), with the
         # rate held as a buffer so that torch.compile'd blocks share one graph (models/drop_path.py)
@@ -241,6 +244,7 @@ def create_backbone(
     img_size: int = 224,
     drop_path_rate: float = 0.0,
     drop_path_uniform: bool = False,
+    drop_path_subset: bool = True,
     reg_tokens: int = 4,
     init_values: float | None = 1e-5,
     swiglu: bool | None = None,
@@ -254,6 +258,8 @@ def create_backbone(
         img_size: size the positional embedding is stored at (other sizes are resampled).
         drop_path_rate: stochastic depth; timm's linear ramp to this rate unless ``drop_path_uniform``.
         drop_path_uniform: same rate in every block (DINOv2 does this for ViT-L/g).
+        drop_path_subset: blocks with a rate above 0.1 run their residual branches on the kept
+            samples only (DINOv2's efficient stochastic depth: the dropped samples cost no FLOPs).
         reg_tokens: register tokens (0, 4 or 8 in the registers paper).
         init_values: LayerScale init (CaiT); ``None`` disables LayerScale.
         swiglu: ``None`` keeps the preset's MLP; ``True``/``False`` switch to SwiGLU/GELU at about
@@ -269,6 +275,7 @@ def create_backbone(
         img_size=img_size,
         drop_path_rate=drop_path_rate,
         drop_path_uniform=drop_path_uniform,
+        drop_path_subset=drop_path_subset,
         reg_tokens=reg_tokens,
         init_values=init_values,
         swiglu=swiglu,

@@ -46,7 +46,11 @@ def _losses(module: DINOv2Module, steps: int = 3) -> list[float]:
 
 
 def test_ramped_drop_path_blocks_share_three_graphs(fresh_dynamo):
-    module = _module(compile_blocks=True, compile_options={"backend": "aot_eager"})
+    # masked drop path on a ramp: 12 rates, one graph (subset blocks above 0.1 would be one per rate)
+    backbone = functools.partial(
+        create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.2, reg_tokens=1, drop_path_subset=False
+    )
+    module = _module(backbone=backbone, compile_blocks=True, compile_options={"backend": "aot_eager"})
     rates = [b.drop_path1.drop_prob for b in module.student["backbone"].vit.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and len(set(rates)) == 12  # timm's ramp
     module.configure_model()
@@ -55,7 +59,7 @@ def test_ramped_drop_path_blocks_share_three_graphs(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == 3
     assert sum(counters["graph_break"].values()) == 0
     assert all(not k.startswith("_orig_mod") and "._orig_mod." not in k for k in module.state_dict())
-    eager = _losses(_module())
+    eager = _losses(_module(backbone=backbone))
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
@@ -72,3 +76,15 @@ def test_drop_path_statistics_and_eval_identity():
     x = torch.randn(4, 5)
     assert dp.eval()(x) is x
     assert "keep_prob" not in dp.state_dict()
+
+
+def test_uniform_subset_drop_path_compiles_to_three_graphs(fresh_dynamo):
+    backbone = functools.partial(
+        create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.3, drop_path_uniform=True, reg_tokens=1
+    )
+    module = _module(backbone=backbone, compile_blocks=True, compile_options={"backend": "aot_eager"})
+    module.configure_model()
+    compiled = _losses(module)
+    assert counters["stats"]["unique_graphs"] == 3
+    assert sum(counters["graph_break"].values()) == 0
+    assert compiled == pytest.approx(_losses(_module(backbone=backbone)), rel=1e-5)

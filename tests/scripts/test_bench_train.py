@@ -46,3 +46,24 @@ def test_bench_train_cpu_smoke(tmp_path):
     assert row["tflops_per_s"] >= 0 and row["mfu"] is None  # no known peak on CPU
     assert row["loss_total"] == row["loss_total"]  # finite, not NaN
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| vit_tiny | step | 2 |")
+
+
+def test_bench_train_baseline_comparison_reports_a_ratio(tmp_path):
+    """--baseline runs the 'before' overrides alternately with the current config; here the masked
+    drop path against subset drop path at rate 0.5 (the current run does fewer FLOPs)."""
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "bench_train.py"),
+        *("--device", "cpu", "--configs", "vit_tiny:4", "--global-size", "64", "--local-size", "32"),
+        *("--n-local", "2", "--out-dim", "256", "--steps", "2", "--warmup", "1", "--rounds", "1"),
+        *("--set", "model.backbone.drop_path_rate=0.5", "--set", "model.backbone.drop_path_uniform=true"),
+        *("--baseline", "model.backbone.drop_path_subset=false"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["run"] for r in rows] == ["baseline", "current"]
+    assert rows[0]["overrides"][-1] == "model.backbone.drop_path_subset=false"
+    assert "model.backbone.drop_path_subset=false" not in rows[1]["overrides"]
+    ratio = rows[1]["ratio_vs_baseline"]
+    assert ratio == round(rows[0]["s_per_step"] / rows[1]["s_per_step"], 3) and ratio > 0
