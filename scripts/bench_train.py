@@ -19,7 +19,7 @@ decode JPEGs; with ``--device-augment`` the crops/colour/HED/blur run on the GPU
         --baseline model.backbone.drop_path_subset=false
 
 ``--set KEY=VALUE`` (repeatable) passes any other hydra override, e.g.
-``--set method.compile_options.mode=max-autotune-no-cudagraphs``.
+``--set ++method.compile_options.mode=max-autotune-no-cudagraphs`` (``++``: the key may be new).
 """
 
 from __future__ import annotations
