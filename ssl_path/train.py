@@ -150,10 +150,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     # the EMA teacher is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    for callback in callbacks:
+        if isinstance(callback, GracefulStop):
+            callback.install()  # before data and model set-up: a signal now stops after step 1, not kills
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg, run_dir))
     ckpt = resume_path(cfg, Path(_checkpoint_dir(callbacks, run_dir)))
     log.info("run dir %s; %s", run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")

@@ -128,17 +128,29 @@ class PeriodicCheckpoint(L.Callback):
 class GracefulStop(L.Callback):
     """Stop at the next optimiser-step boundary after SIGTERM/SIGUSR1; last.ckpt is then written.
 
+    Handlers go in as early as the caller allows (``install()``; ``ssl_path.train`` calls it right
+    after building the callbacks, before data and model set-up), so a signal that arrives while the
+    job is still starting stops it after its first step instead of killing it.
+
     Args:
         signals: names of the signals to catch.
         status_path: where to write ``{"status": "stopped"|"finished", "global_step": N, "signal": ...}``.
+        check_every_n_steps: with several ranks, how often they agree on a stop (an all-reduce the host
+            waits for); a single process reads its flag at every step for free.
     """
 
     def __init__(
-        self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), status_path: str | None = None
+        self,
+        signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"),
+        status_path: str | None = None,
+        check_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.signals = tuple(signals)
         self.status_path = None if status_path is None else Path(status_path)
+        self.check_every_n_steps = check_every_n_steps
         self.received: str | None = None
         self.stopped = False
         self._previous: dict[int, Any] = {}
@@ -146,17 +158,32 @@ class GracefulStop(L.Callback):
     def _handler(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name  # only a flag: no I/O, no collectives in a handler
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning's own registration (Trainer._run), so ours wins for the duration of fit
+    def install(self) -> None:
+        """Catch the signals from now on (idempotent); the previous handlers come back at the end."""
         for name in self.signals:
             signum = getattr(signal, name)
-            self._previous[signum] = signal.getsignal(signum)
+            current = signal.getsignal(signum)
+            if current == self._handler:
+                continue
+            self._previous.setdefault(signum, current)
             signal.signal(signum, self._handler)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()  # again after Lightning's own registration (Trainer._run): ours wins during fit
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
             return
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if trainer.world_size == 1:
+            decision = self.received is not None
+        elif trainer.global_step % self.check_every_n_steps == 0:
+            decision = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        else:
+            return
+        if decision:
             log.warning(
                 "signal %s received: stopping after step %d with a checkpoint",
                 self.received or "(on another rank)",
@@ -165,10 +192,16 @@ class GracefulStop(L.Callback):
             self.stopped = True
             trainer.should_stop = True
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # the last hook of fit, after Lightning's signal connector put back what it found (ours)
+        self._restore()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.status_path is not None and trainer.is_global_zero:
             status = {
                 "status": "stopped" if self.stopped else "finished",

@@ -25,3 +25,23 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
         io.save_checkpoint({"global_step": 2, "bad": threading.Lock()}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_signal_while_starting_stops_after_the_first_step(tmp_path):
+    """A USR1 that lands before fit (hydra, data and model set-up) no longer kills the job."""
+    import json
+    import os
+    import signal
+
+    from ssl_path.method import GracefulStop
+    from tests.method.test_module import _loader, _module, _trainer
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = GracefulStop(status_path=str(tmp_path / "status.json"))
+    stop.install()  # what ssl_path.train does right after building the callbacks
+    os.kill(os.getpid(), signal.SIGUSR1)
+    trainer = _trainer(5, callbacks=[stop])
+    trainer.fit(_module(), _loader(5))
+    assert trainer.global_step == 1 and stop.stopped
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "stopped"
+    assert signal.getsignal(signal.SIGUSR1) == before  # handlers restored after fit
