@@ -29,15 +29,19 @@ class TensorRateDropPath(nn.Module):
 
     Args:
         drop_prob: probability of dropping a sample's branch, in [0, 1).
+        subset: the block runs the branch on the kept samples only (``SubsetDropPathBlock``). A bool
+            the block reads instead of comparing ``drop_prob`` itself, so that dynamo guards on it
+            and not on the rate: blocks that share a mode share a graph.
     """
 
     keep_prob: torch.Tensor
 
-    def __init__(self, drop_prob: float) -> None:
+    def __init__(self, drop_prob: float, subset: bool = False) -> None:
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = float(drop_prob)
+        self.subset = bool(subset)
         self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
 
     @torch.no_grad()
@@ -54,7 +58,7 @@ class TensorRateDropPath(nn.Module):
         return x * (mask / keep)
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
+        return f"drop_prob={self.drop_prob:.3f}, subset={self.subset}"
 
 
 # DINOv2 runs a branch on the kept samples only above this rate (below it the bookkeeping costs more
@@ -81,7 +85,8 @@ def subset_residual(
 
 class SubsetDropPathBlock(Block):
     """timm's ``Block`` whose training forward skips the dropped samples' compute (``subset_residual``)
-    when its drop-path rate exceeds ``SUBSET_MIN_RATE``; otherwise, and in eval, timm's forward.
+    when its drop path says ``subset`` (rate above ``SUBSET_MIN_RATE``); otherwise, and in eval, timm's
+    forward.
 
     Same parameters and state-dict keys as ``Block`` (``VisionTransformer(block_fn=...)``), so exported
     weights load into a plain timm ViT.
@@ -90,8 +95,12 @@ class SubsetDropPathBlock(Block):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        rate = getattr(self.drop_path1, "drop_prob", 0.0)
-        if not self.training or rate <= SUBSET_MIN_RATE or attn_mask is not None or is_causal:
+        if (
+            not (self.training and getattr(self.drop_path1, "subset", False))
+            or attn_mask is not None
+            or is_causal
+        ):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        rate = self.drop_path1.drop_prob  # read only here: a graph per rate for subset blocks alone
         x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
         return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)

@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_path.models.drop_path import SubsetDropPathBlock, TensorRateDropPath
+from ssl_path.models.drop_path import SUBSET_MIN_RATE, SubsetDropPathBlock, TensorRateDropPath
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 
@@ -231,8 +231,9 @@ def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
         # rate held as a buffer so that torch.compile'd blocks share one graph (models/drop_path.py)
         for block in vit.blocks:
             rate = opts.drop_path_rate if opts.drop_path_uniform else _drop_prob(block.drop_path1)
-            block.drop_path1 = TensorRateDropPath(rate)
-            block.drop_path2 = TensorRateDropPath(rate)
+            subset = opts.drop_path_subset and round(rate, 6) > SUBSET_MIN_RATE  # float32 ramp: 0.1000000015
+            block.drop_path1 = TensorRateDropPath(rate, subset=subset)
+            block.drop_path2 = TensorRateDropPath(rate, subset=subset)
     backbone = Backbone(vit, timm_arch=arch["timm_arch"], timm_kwargs=kwargs)
     if opts.pretrained_path is not None:
         load_pretrained(backbone, opts.pretrained_path)

@@ -172,6 +172,7 @@ def _distributed_args(tiled_root: Path, run_dir: Path, trainer: str, steps: int)
         f"trainer={trainer}",
         f"trainer.max_steps={steps}",
         "data.num_workers=0",
+        "callbacks.graceful_stop.check_every_n_steps=1",  # ranks agree on a stop at every step here
         f"hydra.run.dir={run_dir}",
         "+callbacks.dump._target_=tests.train.dump.DumpTeacher",
         f"+callbacks.dump.dirpath={run_dir / 'dump'}",
