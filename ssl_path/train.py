@@ -144,6 +144,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigValidationError(
             "trainer.gradient_clip_val: must stay null; clipping is optim.clip_grad (done by the module)"
         )
+    if str(cfg.trainer.get("precision", "32")) in ("16", "16-mixed", "16-true"):
+        raise ConfigValidationError(
+            f"trainer.precision={cfg.trainer.precision}: fp16 needs a GradScaler, whose own skip flag and "
+            "scaled gradients clash with the module's clipping and non-finite guard; use bf16-mixed or 32"
+        )
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)

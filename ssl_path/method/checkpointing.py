@@ -173,6 +173,17 @@ class GracefulStop(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.install()  # again after Lightning's own registration (Trainer._run): ours wins during fit
+        connector = getattr(trainer, "_signal_connector", None)
+        if "SIGTERM" in self.signals and connector is not None:
+            # A SIGTERM between Lightning's registration and now reached Lightning's handler (which
+            # chains ours): ours stops with a checkpoint, so Lightning must not abort the epoch too.
+            connector.received_sigterm = False
+            # Lightning 2.6 broadcasts its SIGTERM flag and reads it on the host at every step under
+            # DDP (Lightning #21487, a sync per step). Its handler is replaced by ours during fit, so
+            # that flag cannot be set; the ranks agree on our flag every check_every_n_steps instead.
+            loop = trainer.fit_loop.epoch_loop
+            if trainer.world_size > 1 and hasattr(loop, "_broadcast_sigterm_tensor"):
+                loop._broadcast_sigterm_tensor = _no_broadcast
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
@@ -210,3 +221,7 @@ class GracefulStop(L.Callback):
             }
             self.status_path.parent.mkdir(parents=True, exist_ok=True)
             self.status_path.write_text(json.dumps(status) + "\n")
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast (see ``GracefulStop.on_train_start``)."""

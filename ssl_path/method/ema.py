@@ -50,7 +50,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float, skip: torch.Ten
         return
     # momentum as a device scalar: 1 on a skipped step. _foreach_mul_ takes a 0-dim tensor in one
     # fused launch; there is no tensor-alpha add, so (1 - m) * s goes through a bounded temporary.
-    keep = torch.where(skip.to(device=t_params[0].device, dtype=torch.bool), 1.0, m).to(t_params[0].dtype)
+    # fp32 even for low-precision teachers: momentum 0.9995 would round to 1.0 in bf16
+    keep = torch.where(skip.to(device=t_params[0].device, dtype=torch.bool), 1.0, m).to(torch.float32)
     torch._foreach_mul_(t_params, keep)
     weight = 1.0 - keep
     for lo, hi in _chunks(s_params):

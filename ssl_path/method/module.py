@@ -40,6 +40,8 @@ from ssl_path.method.throughput import peak_flops_per_device
 log = logging.getLogger(__name__)
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
+# with trainer.log_every_n_steps=0 the non-finite counters are still read this often
+NONFINITE_CHECK_WITHOUT_LOGGING = 50
 
 
 class DINOv2Module(L.LightningModule):
@@ -65,6 +67,8 @@ class DINOv2Module(L.LightningModule):
         max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
             the device-side counters are read on logging steps and at the end (method/nonfinite.py).
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
+        pack_crops: the student runs global and local crops as one packed token matrix (one launch
+            per token-wise layer for both sizes; ``Backbone.forward_packed``) instead of two passes.
         compile_options: keyword arguments of ``nn.Module.compile`` for the blocks (e.g. ``mode``,
             ``backend``); ``dynamic`` defaults to False (one static graph per crop shape).
         seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
@@ -95,6 +99,7 @@ class DINOv2Module(L.LightningModule):
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
         compile_options: dict[str, Any] | None = None,
+        pack_crops: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -120,6 +125,7 @@ class DINOv2Module(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.compile_blocks = compile_blocks
         self.compile_options = {"dynamic": False, **dict(compile_options or {})}
+        self.pack_crops = pack_crops
         self.seed = seed
         self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
         self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
@@ -135,6 +141,7 @@ class DINOv2Module(L.LightningModule):
         self._pending_rng: dict | None = None
         self._perf_mark: tuple[float, int] | None = None  # (time, global_step) at the last logging step
         self._logging_step = False
+        self._stepped = False  # set by optimizer_step, read by on_train_batch_end
         self._step_flops: dict[tuple, float] = {}
 
     @staticmethod
@@ -214,10 +221,15 @@ class DINOv2Module(L.LightningModule):
         """Student: ``cls_logits`` (n_g + n_l, B, K), ``ibot_logits`` (M, K), ``global_cls`` (n_g*B, D)."""
         crops, masks = batch["global_crops"], batch["masks"]
         n_g, n_l = int(batch["n_global_crops"]), int(batch.get("n_local_crops", 0))
-        g = self.student["backbone"](crops, masks=masks)
-        cls_tokens = [g["cls"]]  # (n_g*B, D)
-        if n_l > 0:
-            cls_tokens.append(self.student["backbone"](batch["local_crops"])["cls"])  # (n_l*B, D)
+        backbone = self.student["backbone"]
+        if n_l > 0 and self.pack_crops:
+            g, loc = backbone.forward_packed([crops, batch["local_crops"]], [masks, None])
+            cls_tokens = [g["cls"], loc["cls"]]  # (n_g*B, D), (n_l*B, D)
+        else:
+            g = backbone(crops, masks=masks)
+            cls_tokens = [g["cls"]]  # (n_g*B, D)
+            if n_l > 0:
+                cls_tokens.append(backbone(batch["local_crops"])["cls"])  # (n_l*B, D)
         cls_logits = self.student["dino_head"](torch.cat(cls_tokens))  # ((n_g+n_l)*B, K)
         ibot_logits = self.student["ibot_head"](_masked_tokens(g["patch"], batch))  # (M, K)
         return {
@@ -377,6 +389,7 @@ class DINOv2Module(L.LightningModule):
         skip = self.nonfinite.step_found_inf  # None: no clipping hook ran (then nothing was found)
         ema_update(self.teacher, self.student, self.schedule_at(step).momentum, skip=skip)
         self.nonfinite.end_step()
+        self._stepped = True
 
     # ------------------------------------------------------------------ logging
     def _log_step(self, losses: dict[str, torch.Tensor], values: ScheduleValues, batch: dict) -> None:
@@ -417,9 +430,14 @@ class DINOv2Module(L.LightningModule):
         return (n > 0 and (step + 1) % n == 0) or step == 0 or last
 
     def on_train_batch_end(self, outputs, batch: dict[str, Any], batch_idx: int) -> None:
+        stepped, self._stepped = self._stepped, False
+        if not stepped:  # mid-accumulation: global_step has not moved yet
+            return
+        every = self.trainer.log_every_n_steps or NONFINITE_CHECK_WITHOUT_LOGGING
+        if self._logging_step or self.global_step % every == 0:
+            self.nonfinite.check(self.global_step)  # the only host read of the counters
         if not self._logging_step:
             return
-        self.nonfinite.check(self.global_step)  # the only host read of the counters
         # throughput over all steps since the last logging step: device work is queued asynchronously,
         # so one step's wall time says little; the synced interval says how fast the run goes
         now, step = time.perf_counter(), self.global_step
@@ -511,5 +529,9 @@ def mask_indices(batch: dict[str, Any]) -> torch.Tensor:
 
 
 def _masked_tokens(patch: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """(n_g*B, N, D) patch tokens -> (M, D) at the masked positions, in ``masks.flatten()`` order."""
+    """(n_g*B, N, D) patch tokens -> (M, D) at the masked positions, in ``masks.flatten()`` order.
+
+    ``index_select`` (backward: ``index_add_``) needs no host sync. ``flatten`` copies the patch slice
+    (it is not contiguous: the prefix tokens sit between images); integer advanced indexing would avoid
+    that copy but its backward is a sorting ``index_put_``, not checked for syncs on a GPU yet."""
     return patch.flatten(0, 1).index_select(0, mask_indices(batch))

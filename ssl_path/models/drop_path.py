@@ -8,7 +8,8 @@ eager. Holding the keep-probability in a (non-persistent) buffer makes it graph 
 reuse the graph compiled for the first. Same maths as timm's per-sample ``drop_path``: drop the
 residual branch per sample, scale kept ones by ``1 / keep``.
 
-**Dropped samples skipped** (``SubsetDropPathBlock``, DINOv2's efficient stochastic depth): masking a
+**Dropped samples skipped** (``subset_residual``, used by ``models.block.DINOBlock``; DINOv2's
+efficient stochastic depth): masking a
 branch's output still pays its FLOPs; above a rate of 0.1 the branch runs on the kept samples only.
 At DINOv2's ViT-L rate 0.3 that removes 30% of the student's block compute.
 """
@@ -18,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
-__all__ = ["SUBSET_MIN_RATE", "SubsetDropPathBlock", "TensorRateDropPath", "subset_residual"]
+__all__ = ["SUBSET_MIN_RATE", "TensorRateDropPath", "subset_residual"]
 
 
 class TensorRateDropPath(nn.Module):
@@ -29,7 +29,7 @@ class TensorRateDropPath(nn.Module):
 
     Args:
         drop_prob: probability of dropping a sample's branch, in [0, 1).
-        subset: the block runs the branch on the kept samples only (``SubsetDropPathBlock``). A bool
+        subset: the block runs the branch on the kept samples only (``models.block.DINOBlock``). A bool
             the block reads instead of comparing ``drop_prob`` itself, so that dynamo guards on it
             and not on the rate: blocks that share a mode share a graph.
     """
@@ -81,26 +81,3 @@ def subset_residual(
     idx = torch.randperm(b, device=x.device)[:keep]
     residual = branch(x.index_select(0, idx))
     return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=b / keep)
-
-
-class SubsetDropPathBlock(Block):
-    """timm's ``Block`` whose training forward skips the dropped samples' compute (``subset_residual``)
-    when its drop path says ``subset`` (rate above ``SUBSET_MIN_RATE``); otherwise, and in eval, timm's
-    forward.
-
-    Same parameters and state-dict keys as ``Block`` (``VisionTransformer(block_fn=...)``), so exported
-    weights load into a plain timm ViT.
-    """
-
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        if (
-            not (self.training and getattr(self.drop_path1, "subset", False))
-            or attn_mask is not None
-            or is_causal
-        ):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        rate = self.drop_path1.drop_prob  # read only here: a graph per rate for subset blocks alone
-        x = subset_residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), rate)
-        return subset_residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), rate)

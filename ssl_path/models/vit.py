@@ -24,13 +24,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import SwiGLUPacked
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_path.models.drop_path import SUBSET_MIN_RATE, SubsetDropPathBlock, TensorRateDropPath
+from ssl_path.models.block import DINOBlock
+from ssl_path.models.drop_path import SUBSET_MIN_RATE, TensorRateDropPath
+from ssl_path.models.packed import pack, unpack
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 
@@ -115,6 +118,37 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Embed, swap masked patches for ``mask_token`` (before pos-embed, as iBOT/DINOv2), run blocks."""
         vit = self.vit
+        tokens = self._embed(x, masks)
+        if vit.grad_checkpointing and not torch.jit.is_scripting():
+            tokens = checkpoint_seq(vit.blocks, tokens)
+        else:
+            tokens = vit.blocks(tokens)
+        return self._outputs(vit.norm(tokens))
+
+    def forward_packed(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """``[forward(x, m) for x, m in zip(xs, masks)]`` in one pass: the crops of all sizes share the
+        token-wise launches of every block (``ssl_path.models.packed``; each block is called as
+        ``block(tokens, layout=...)``, so compiled and FSDP-sharded blocks work unchanged).
+
+        Args:
+            xs: image batches of different sizes, e.g. global and local crops.
+            masks: per batch, iBOT masks or ``None``.
+        """
+        vit = self.vit
+        masks = masks if masks is not None else [None] * len(xs)
+        flat, layout = pack([self._embed(x, m) for x, m in zip(xs, masks, strict=True)])
+        for block in vit.blocks:
+            if vit.grad_checkpointing and torch.is_grad_enabled():
+                flat = torch.utils.checkpoint.checkpoint(block, flat, layout=layout, use_reentrant=False)
+            else:
+                flat = block(flat, layout=layout)
+        return [self._outputs(t) for t in unpack(vit.norm(flat), layout)]
+
+    def _embed(self, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + R + N, D) tokens ready for the blocks."""
+        vit = self.vit
         tokens = vit.patch_embed(x)  # (B, h, w, D): NHWC because dynamic_img_size=True
         if masks is not None:
             b, h, w, d = tokens.shape
@@ -126,13 +160,10 @@ class Backbone(nn.Module):
             tokens = torch.where(masks.view(b, h, w, 1), self.mask_token.to(tokens.dtype), tokens)
         tokens = vit._pos_embed(tokens)  # (B, 1 + R + N, D)
         tokens = vit.patch_drop(tokens)
-        tokens = vit.norm_pre(tokens)
-        if vit.grad_checkpointing and not torch.jit.is_scripting():
-            tokens = checkpoint_seq(vit.blocks, tokens)
-        else:
-            tokens = vit.blocks(tokens)
-        tokens = vit.norm(tokens)
-        n_prefix = vit.num_prefix_tokens
+        return vit.norm_pre(tokens)
+
+    def _outputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        n_prefix = self.vit.num_prefix_tokens
         return {"cls": tokens[:, 0], "reg": tokens[:, 1:n_prefix], "patch": tokens[:, n_prefix:]}
 
     @torch.no_grad()
@@ -224,8 +255,7 @@ def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
     if swiglu:
         kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     # block_fn stays out of timm_kwargs: same weights as timm's Block, so exports rebuild a plain timm ViT
-    block_fn = {"block_fn": SubsetDropPathBlock} if opts.drop_path_subset and opts.drop_path_rate > 0 else {}
-    vit = VisionTransformer(**kwargs, **block_fn)
+    vit = VisionTransformer(**kwargs, block_fn=DINOBlock)
     if opts.drop_path_rate > 0:
         # timm's linear ramp (or DINOv2's `drop_path_uniform`: the same rate in every block), with the
         # rate held as a buffer so that torch.compile'd blocks share one graph (models/drop_path.py)

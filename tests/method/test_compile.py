@@ -86,3 +86,32 @@ def test_uniform_subset_drop_path_compiles_to_three_graphs(fresh_dynamo):
     assert counters["stats"]["unique_graphs"] == 3
     assert sum(counters["graph_break"].values()) == 0
     assert compiled == pytest.approx(_losses(_module(backbone=backbone)), rel=1e-5)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.1, 0.3])  # masked ramp / uniform subset
+def test_packed_crops_compile_to_two_graphs_and_match_two_passes(fresh_dynamo, drop_path_rate):
+    backbone = functools.partial(
+        create_backbone,
+        "vit_tiny",
+        img_size=32,
+        drop_path_rate=drop_path_rate,
+        drop_path_uniform=drop_path_rate > 0.1,
+        reg_tokens=1,
+    )
+    module = _module(
+        backbone=backbone, pack_crops=True, compile_blocks=True, compile_options={"backend": "aot_eager"}
+    )
+    module.configure_model()
+    compiled = _losses(module)
+    # student packed (both crop sizes in one graph) + teacher: 2 graphs for all blocks
+    assert counters["stats"]["unique_graphs"] == 2
+    assert sum(counters["graph_break"].values()) == 0
+    assert compiled == pytest.approx(_losses(_module(backbone=backbone, pack_crops=True)), rel=1e-5)
+
+
+def test_packed_crops_step_equals_two_pass_step_without_drop_path():
+    backbone = functools.partial(create_backbone, "vit_tiny", img_size=32, reg_tokens=1)
+    packed, separate = _module(backbone=backbone, pack_crops=True), _module(backbone=backbone)
+    assert _losses(packed) == pytest.approx(_losses(separate), rel=1e-5)
+    for (name, p), q in zip(packed.student.named_parameters(), separate.student.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -206,3 +206,26 @@ def test_ddp_nonfinite_on_one_rank_is_skipped_on_all(tmp_path):
     assert [r["skipped"] for r in ranks] == [1, 1] and [r["step"] for r in ranks] == [3, 3]
     for k, v in ranks[0]["teacher"].items():
         assert torch.equal(v, ranks[1]["teacher"][k]), k
+
+
+class _Clock(L.Callback):
+    """A fake clock for the module's perf counter: every micro-batch takes 10 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.now += 10.0
+
+
+def test_throughput_counts_whole_optimizer_steps_with_accumulation(monkeypatch):
+    """images/s = images of all micro-batches / time between logging steps, not one micro-batch's."""
+    import ssl_path.method.module as mod
+
+    clock = _Clock()
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock.now)
+    module = _module()
+    trainer = _trainer(3, accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[clock])
+    trainer.fit(module, _loader(6))
+    # 2 micro-batches of B images per optimiser step, 20 s per step
+    assert float(trainer.callback_metrics["perf/images_per_s"]) == pytest.approx(2 * B / 20)

@@ -85,9 +85,12 @@ def _manual_steps(module: DINOv2Module, batches: list[dict], optimizer=None) -> 
     return rec.syncs, outs
 
 
-@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
-def test_manual_step_is_sync_free_including_a_skipped_step(centering):
-    module = _module(centering=centering)
+@pytest.mark.parametrize(
+    "centering, overrides",
+    [("sinkhorn_knopp", {}), ("softmax", {}), ("sinkhorn_knopp", {"pack_crops": True})],
+)
+def test_manual_step_is_sync_free_including_a_skipped_step(centering, overrides):
+    module = _module(centering=centering, **overrides)
     syncs, outs = _manual_steps(module, [_batch(0), _batch(1, poison=True), _batch(2)])
     assert syncs == []
     assert [float(o["skipped"]) for o in outs] == [0.0, 1.0, 0.0]  # read after the steps, not during

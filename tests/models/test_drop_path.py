@@ -6,7 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_path.models import create_backbone, export_filter
-from ssl_path.models.drop_path import SubsetDropPathBlock, subset_residual
+from ssl_path.models.block import DINOBlock
+from ssl_path.models.drop_path import subset_residual
 
 
 def test_subset_residual_changes_exactly_the_kept_samples_scaled_by_b_over_keep():
@@ -51,7 +52,7 @@ def test_subset_blocks_save_the_dropped_fraction_of_block_flops():
         "vit_tiny", img_size=64, drop_path_rate=0.4, drop_path_uniform=True, drop_path_subset=False
     ).train()
     none = create_backbone("vit_tiny", img_size=64).train()
-    assert all(isinstance(b, SubsetDropPathBlock) for b in subset.vit.blocks)
+    assert all(isinstance(b, DINOBlock) and b.drop_path1.subset for b in subset.vit.blocks)
     f_subset, f_masked, f_none = (_train_flops(bb, x) for bb in (subset, masked, none))
     assert f_masked == pytest.approx(f_none, rel=0.01)  # masking the output still pays for the branch
     assert f_subset / f_masked == pytest.approx(0.6, abs=0.03)  # 6 of 10 samples through every branch

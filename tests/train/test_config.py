@@ -78,3 +78,10 @@ def test_lightning_gradient_clipping_is_refused(tmp_path):
     ):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_fp16_precision_is_refused_before_anything_runs(tmp_path):
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", "trainer.precision=16-mixed"])
+    with pytest.raises(ConfigValidationError, match="trainer.precision=16-mixed: fp16 needs a GradScaler"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
