@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurements as one prepared call (about 8 minutes on one H100): the reference table
+# Issue 7's GPU measurements as one prepared call (about 9 minutes on one H100): the reference table
 # compiled, then same-run before/after ratios of the optimisations verified on CPU. Every step has
 # its own timeout, so one failure or hang costs only its slot. JSON lines go to $OUT/train.jsonl.
 #   bash scripts/bench_gpu.sh            (with PYTHONPATH set by scripts/gpu_site.sh where needed)
@@ -22,7 +22,9 @@ run 240 --configs vit_s16:128,vit_b16:64,vit_l16:64 --compile --steps 8 --warmup
 # 2. subset drop path, before/after on ViT-L (FLOPs of the dropped 30% skipped)
 run 150 --configs vit_l16:64 --compile --steps 6 --warmup 3 --rounds 1 \
     --baseline model.backbone.drop_path_subset=false
-# 3. CUDA graphs for the overhead-bound ViT-S (inductor's cudagraph trees per block)
+# 3. packed global + local crops (the default) against two passes, on the overhead-bound ViT-S
+run 90 --configs vit_s16:128 --compile --steps 8 --warmup 3 --rounds 1 --baseline method.pack_crops=false
+# 4. CUDA graphs for the overhead-bound ViT-S (inductor's cudagraph trees per block)
 run 90 --configs vit_s16:128 --compile --steps 8 --warmup 4 --rounds 1 \
     --set ++method.compile_options.mode=reduce-overhead --baseline ++method.compile_options.mode=default
 echo "JSON lines: $J"

@@ -99,7 +99,7 @@ class DINOv2Module(L.LightningModule):
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
         compile_options: dict[str, Any] | None = None,
-        pack_crops: bool = False,
+        pack_crops: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
