@@ -17,6 +17,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_path import CONFIG_DIR
 from ssl_path.eval.backbone import build_backbone, load_weights, resolve_checkpoint
 from ssl_path.eval.runner import HISTOGRAM, FeatureConfig, run_evaluation
 
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> list[dict]:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from ssl_path import CONFIG_DIR
 from ssl_path.tiling import find_slides, summary_line, task_slides, tile_slides
 
 log = logging.getLogger(__name__)
-# An absolute path: hydra resolves a relative one against the *package* when run as a console script.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -24,6 +24,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_path import CONFIG_DIR
 from ssl_path.config_validation import ConfigValidationError, validate_config
 from ssl_path.data import default_local_crop_size
 from ssl_path.method import (
@@ -182,11 +183,6 @@ def _checkpoint_dir(callbacks: list, run_dir: Path) -> str:
         if isinstance(c, PeriodicCheckpoint):
             return str(c.dirpath)
     return str(run_dir / "checkpoints")
-
-
-# absolute: a console script runs main() with __module__ "ssl_path.train", and hydra would then look for
-# a python package "configs" instead of the directory beside the package
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
