@@ -115,8 +115,18 @@ class Backbone(nn.Module):
         p = self.patch_size
         return -(-h // p) * -(-w // p)
 
-    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Embed, swap masked patches for ``mask_token`` (before pos-embed, as iBOT/DINOv2), run blocks."""
+    def forward(
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        masks: torch.Tensor | list[torch.Tensor | None] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Embed, swap masked patches for ``mask_token`` (before pos-embed, as iBOT/DINOv2), run blocks.
+
+        A list of batches (with a list of masks) runs packed, see :meth:`forward_packed`; it goes
+        through ``forward`` so that FSDP2's hooks on the backbone also gather its own parameters.
+        """
+        if isinstance(x, list | tuple):
+            return self._forward_packed(list(x), masks)
         vit = self.vit
         tokens = self._embed(x, masks)
         if vit.grad_checkpointing and not torch.jit.is_scripting():
@@ -136,6 +146,11 @@ class Backbone(nn.Module):
             xs: image batches of different sizes, e.g. global and local crops.
             masks: per batch, iBOT masks or ``None``.
         """
+        return self(list(xs), masks)  # nn.Module.__call__: FSDP2 / compile hooks see it
+
+    def _forward_packed(
+        self, xs: list[torch.Tensor], masks: list[torch.Tensor | None] | None
+    ) -> list[dict[str, torch.Tensor]]:
         vit = self.vit
         masks = masks if masks is not None else [None] * len(xs)
         flat, layout = pack([self._embed(x, m) for x, m in zip(xs, masks, strict=True)])
