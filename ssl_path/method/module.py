@@ -67,6 +67,9 @@ class DINOv2Module(L.LightningModule):
         max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
             the device-side counters are read on logging steps and at the end (method/nonfinite.py).
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
+        activation_checkpointing: recompute each student block in backward instead of keeping its
+            activations (``torch.utils.checkpoint`` per block; ViT-L/H/g at large batches). The
+            teacher runs without gradients and needs none.
         pack_crops: the student runs global and local crops as one packed token matrix (one launch
             per token-wise layer for both sizes; ``Backbone.forward_packed``) instead of two passes.
         compile_options: keyword arguments of ``nn.Module.compile`` for the blocks (e.g. ``mode``,
@@ -100,6 +103,7 @@ class DINOv2Module(L.LightningModule):
         compile_blocks: bool = False,
         compile_options: dict[str, Any] | None = None,
         pack_crops: bool = True,
+        activation_checkpointing: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -126,10 +130,13 @@ class DINOv2Module(L.LightningModule):
         self.compile_blocks = compile_blocks
         self.compile_options = {"dynamic": False, **dict(compile_options or {})}
         self.pack_crops = pack_crops
+        self.activation_checkpointing = activation_checkpointing
         self.seed = seed
         self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
         self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
         self.teacher.load_state_dict(self.student.state_dict())
+        if activation_checkpointing:
+            self.student["backbone"].vit.set_grad_checkpointing(True)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         out_dim = _head_out_dim(self.student["dino_head"])

@@ -129,7 +129,7 @@ class Backbone(nn.Module):
             return self._forward_packed(list(x), masks)
         vit = self.vit
         tokens = self._embed(x, masks)
-        if vit.grad_checkpointing and not torch.jit.is_scripting():
+        if vit.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             tokens = checkpoint_seq(vit.blocks, tokens)
         else:
             tokens = vit.blocks(tokens)
