@@ -171,8 +171,9 @@ class DINOv2Module(L.LightningModule):
             dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
             if dp_mesh.size() != mesh.size():
                 raise ValueError("FSDP here is data-parallel only: set strategy.tensor_parallel_size=1")
+            policy = getattr(self.trainer.strategy, "mp_policy", None)  # DataParallelFSDP.param_dtype
             for model in (self.student, self.teacher):
-                parallelize(model, dp_mesh)
+                parallelize(model, dp_mesh, mp_policy=policy)
             for name in ("dino_center", "ibot_center"):  # plain buffers outside the sharded modules
                 if hasattr(self, name):
                     getattr(self, name).to(self.trainer.strategy.root_device)

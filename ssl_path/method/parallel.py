@@ -13,13 +13,19 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
-def parallelize(model: nn.ModuleDict, mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+def parallelize(
+    model: nn.ModuleDict,
+    mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> None:
     """Shard ``model`` (``backbone``, ``dino_head``, ``ibot_head``) in place over ``mesh``.
 
     Args:
@@ -27,14 +33,19 @@ def parallelize(model: nn.ModuleDict, mesh: DeviceMesh, reshard_after_forward: b
         mesh: 1-D data-parallel device mesh (``ModelParallelStrategy.device_mesh["data_parallel"]``).
         reshard_after_forward: free gathered block weights after forward (ZeRO-3); ``False`` keeps
             them until backward (ZeRO-2: faster, more memory).
+        mp_policy: FSDP2 mixed precision, e.g. bf16 parameters for compute and all-gathers with fp32
+            gradient reduction (the sharded master weights, AdamW and the EMA stay fp32).
     """
+    kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
     backbone = model["backbone"]
     for block in backbone.vit.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(backbone, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **kw)
+    fully_shard(backbone, **kw)
     heads = {id(m): m for m in (model["dino_head"], model["ibot_head"])}  # the iBOT head may be shared
     for head in heads.values():
-        fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(head, **kw)
 
 
 class DataParallelFSDP(ModelParallelStrategy):
@@ -50,6 +61,9 @@ class DataParallelFSDP(ModelParallelStrategy):
         save_distributed_checkpoint: DCP directory (True) or one full-state file (False).
         process_group_backend: ``nccl``/``gloo``; ``None`` picks by device.
         timeout_minutes: collective timeout.
+        param_dtype: dtype of the gathered parameters the blocks compute with (``bfloat16`` halves
+            all-gather traffic and weight memory in flight); ``None`` keeps fp32.
+        reduce_dtype: dtype of the gradient reduce-scatter (``float32``: exact sums across ranks).
     """
 
     def __init__(
@@ -57,6 +71,8 @@ class DataParallelFSDP(ModelParallelStrategy):
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout_minutes: int = 30,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
@@ -65,7 +81,21 @@ class DataParallelFSDP(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timedelta(minutes=timeout_minutes),
         )
+        self.mp_policy = (
+            None
+            if param_dtype is None
+            else MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
+        )
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use e.g. bfloat16 or float32")
+    return dtype
