@@ -84,8 +84,25 @@ class SoftmaxCenter(nn.Module):
         ``skip``: optional 0-dim device flag; where true the centre stays as it is (a step the
         non-finite guard dropped), decided on the device without a host sync.
         """
+        self.update_from_stats(self.batch_stats(teacher_logits), momentum, group, skip)
+
+    @torch.no_grad()
+    def batch_stats(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """(K + 1,) this rank's column sums of the logits and their row count; add these over the
+        micro-batches of one optimiser step and pass the total to :meth:`update_from_stats`."""
         flat = teacher_logits.detach().float().reshape(-1, self.center.shape[0])  # (n, K)
-        stats = torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])  # (K + 1,) sum, count
+        return torch.cat([flat.sum(dim=0), flat.new_tensor([flat.shape[0]])])
+
+    @torch.no_grad()
+    def update_from_stats(
+        self,
+        stats: torch.Tensor,
+        momentum: float,
+        group: dist.ProcessGroup | None = None,
+        skip: torch.Tensor | None = None,
+    ) -> None:
+        """``c <- m * c + (1 - m) * mean``, the mean from :meth:`batch_stats` summed over all ranks."""
+        stats = stats.clone()
         if _distributed(group):
             dist.all_reduce(stats, group=group)
         batch_mean = stats[:-1] / stats[-1].clamp_min(1.0)

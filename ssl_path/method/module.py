@@ -149,6 +149,7 @@ class DINOv2Module(L.LightningModule):
         self._perf_mark: tuple[float, int] | None = None  # (time, global_step) at the last logging step
         self._logging_step = False
         self._stepped = False  # set by optimizer_step, read by on_train_batch_end
+        self._center_stats: dict[str, torch.Tensor] = {}  # softmax centring: this step's logit sums
         self._step_flops: dict[tuple, float] = {}
 
     @staticmethod
@@ -300,13 +301,18 @@ class DINOv2Module(L.LightningModule):
         losses = self.compute_losses(student, teacher, batch)
         # no host sync: a non-finite loss sets a device flag; backward still runs on every rank (DDP),
         # and the fused optimiser, the EMA and the centre leave everything as it was (nonfinite.py)
-        bad = self.nonfinite.observe(losses)
+        self.nonfinite.observe(losses)
         self._logging_step = self._logs_this_step()
         if self._logging_step:
             self._log_step(losses, values, batch)
-        if self.centering == "softmax":
-            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=bad)
-            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=bad)
+        if self.centering == "softmax":  # applied once per optimiser step, in optimizer_step
+            for name, logits in (
+                ("dino_center", teacher["cls_logits"]),
+                ("ibot_center", teacher["ibot_logits"]),
+            ):
+                stats = getattr(self, name).batch_stats(logits)
+                pending = self._center_stats.get(name)
+                self._center_stats[name] = stats if pending is None else pending + stats
         return losses["total"]
 
     @property
@@ -368,7 +374,7 @@ class DINOv2Module(L.LightningModule):
             teacher = self.teacher_output(batch, values.teacher_temp)
             student = self.student_output(batch)
             losses = self.compute_losses(student, teacher, batch)
-        bad = self.nonfinite.observe(losses)
+        self.nonfinite.observe(losses)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if values.last_layer_frozen:
@@ -380,8 +386,8 @@ class DINOv2Module(L.LightningModule):
         clear_found_inf(optimizer)
         ema_update(self.teacher, self.student, values.momentum, skip=found_inf)
         if self.centering == "softmax":
-            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=bad)
-            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=bad)
+            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=found_inf)
+            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=found_inf)
         self.nonfinite.end_step()
         out = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
@@ -396,6 +402,9 @@ class DINOv2Module(L.LightningModule):
         clear_found_inf(optimizer)
         skip = self.nonfinite.step_found_inf  # None: no clipping hook ran (then nothing was found)
         ema_update(self.teacher, self.student, self.schedule_at(step).momentum, skip=skip)
+        for name, stats in self._center_stats.items():  # the step's pooled teacher logits, same skip
+            getattr(self, name).update_from_stats(stats, self.center_momentum, skip=skip)
+        self._center_stats = {}
         self.nonfinite.end_step()
         self._stepped = True
 

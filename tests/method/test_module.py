@@ -229,3 +229,21 @@ def test_throughput_counts_whole_optimizer_steps_with_accumulation(monkeypatch):
     trainer.fit(module, _loader(6))
     # 2 micro-batches of B images per optimiser step, 20 s per step
     assert float(trainer.callback_metrics["perf/images_per_s"]) == pytest.approx(2 * B / 20)
+
+
+def test_softmax_centre_moves_once_per_step_and_not_on_a_skipped_one():
+    """The centre pools an optimiser step's micro-batches; one bad micro-batch drops the whole step."""
+    module = _module(centering="softmax")
+    _trainer(1, accumulate_grad_batches=2).fit(module, _loader(2, poison={1}))
+    assert module.nonfinite_total == 1
+    assert torch.equal(module.dino_center.center, torch.zeros_like(module.dino_center.center))
+
+    module = _module(centering="softmax")
+    _trainer(1, accumulate_grad_batches=2).fit(module, _loader(2))
+    # one EMA step with the mean over both micro-batches' teacher logits
+    batches = [b for b in _loader(2)]
+    with torch.no_grad():
+        ref = _module(centering="softmax")  # same seed: the teacher as it was during step 0
+        logits = torch.cat([ref.teacher_output(b, 0.04)["cls_logits"] for b in batches])
+    expected = 0.1 * logits.mean(0)  # c = 0.9 * 0 + 0.1 * mean
+    torch.testing.assert_close(module.dino_center.center, expected, rtol=1e-5, atol=1e-6)
