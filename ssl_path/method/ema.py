@@ -11,9 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# bound on the temporary (1 - m) * student copy of the device-flag path: ~64M fp32 elements at a time
-_CHUNK_NUMEL = 1 << 26
-
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, m: float, skip: torch.Tensor | None = None) -> None:
@@ -48,26 +45,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float, skip: torch.Ten
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
         return
-    # momentum as a device scalar: 1 on a skipped step. _foreach_mul_ takes a 0-dim tensor in one
-    # fused launch; there is no tensor-alpha add, so (1 - m) * s goes through a bounded temporary.
-    # fp32 even for low-precision teachers: momentum 0.9995 would round to 1.0 in bf16
-    keep = torch.where(skip.to(device=t_params[0].device, dtype=torch.bool), 1.0, m).to(torch.float32)
-    torch._foreach_mul_(t_params, keep)
-    weight = 1.0 - keep
-    for lo, hi in _chunks(s_params):
-        torch._foreach_add_(t_params[lo:hi], torch._foreach_mul(s_params[lo:hi], weight))
-
-
-def _chunks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Consecutive index ranges of at most ``_CHUNK_NUMEL`` elements (a single big tensor is its own)."""
-    out, lo, size = [], 0, 0
-    for i, t in enumerate(tensors):
-        if size and size + t.numel() > _CHUNK_NUMEL:
-            out.append((lo, i))
-            lo, size = i, 0
-        size += t.numel()
-    out.append((lo, len(tensors)))
-    return out
+    # the update weight as a device scalar, 0 on a skipped step: t <- t + w * (s - t), one pass over
+    # memory (lerp with per-tensor 0-dim weights; on CUDA one kernel per tensor, no temporary)
+    w = torch.where(skip.to(device=t_params[0].device, dtype=torch.bool), 0.0, 1.0 - m)
+    weights = {dtype: w.to(dtype) for dtype in {t.dtype for t in t_params}}
+    torch._foreach_lerp_(t_params, s_params, [weights[t.dtype] for t in t_params])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
