@@ -107,8 +107,10 @@ class SoftmaxCenter(nn.Module):
             dist.all_reduce(stats, group=group)
         batch_mean = stats[:-1] / stats[-1].clamp_min(1.0)
         new = self.center * momentum + batch_mean.to(self.center.dtype) * (1.0 - momentum)
+        keep_old = stats[-1] == 0  # no rows anywhere (e.g. no masked patch this step): nothing to average
         if skip is not None:
-            new = torch.where(skip.to(torch.bool), self.center, new)
+            keep_old = keep_old | skip.to(torch.bool)
+        new = torch.where(keep_old, self.center, new)
         self.center.copy_(new)
 
 

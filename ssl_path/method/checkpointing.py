@@ -208,6 +208,11 @@ class GracefulStop(L.Callback):
             signal.signal(signum, handler)
         self._previous = {}
 
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()  # Lightning skips the teardown hooks when fit raises
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # the last hook of fit, after Lightning's signal connector put back what it found (ours)
         self._restore()

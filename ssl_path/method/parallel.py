@@ -81,6 +81,11 @@ class DataParallelFSDP(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timedelta(minutes=timeout_minutes),
         )
+        if param_dtype is not None and _dtype(param_dtype) not in (torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"trainer.strategy.param_dtype={param_dtype}: use bfloat16 or float32 (fp16 would need "
+                "loss scaling, which this trainer does not do)"
+            )
         self.mp_policy = (
             None
             if param_dtype is None

@@ -41,9 +41,9 @@ def unpack(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
 
 
 def packed_attention(attn: nn.Module, h: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """timm ``Attention`` on packed tokens: qkv, norm, gate and projection once; SDPA per crop size."""
-    if not getattr(attn, "fused_attn", True):
-        raise ValueError("packed attention needs timm's fused (SDPA) attention")
+    """timm ``Attention`` on packed tokens: qkv, norm, gate and projection once; SDPA per crop size.
+
+    Always SDPA, whatever timm's ``fused_attn`` says: the same maths as its manual softmax path."""
     gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(h)  # (T, 3 * H * d)
     dropout = attn.attn_drop.p if attn.training else 0.0
@@ -81,6 +81,8 @@ def _residual(
 ) -> torch.Tensor:
     """``flat + drop_path(branch(flat))`` with per-image drop path over the packed layout."""
     keep_prob = getattr(drop_path, "keep_prob", None)
+    if keep_prob is None and not isinstance(drop_path, nn.Identity):
+        raise TypeError(f"packed blocks need TensorRateDropPath or nn.Identity, got {type(drop_path)}")
     if not training or keep_prob is None:  # eval, or nn.Identity (rate 0)
         return flat + branch(flat, layout)
     if getattr(drop_path, "subset", False):

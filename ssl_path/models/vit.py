@@ -130,7 +130,7 @@ class Backbone(nn.Module):
         vit = self.vit
         tokens = self._embed(x, masks)
         if vit.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            tokens = checkpoint_seq(vit.blocks, tokens)
+            tokens = checkpoint_seq(vit.blocks, tokens, use_reentrant=False)  # as the packed path; FSDP2-safe
         else:
             tokens = vit.blocks(tokens)
         return self._outputs(vit.norm(tokens))

@@ -87,3 +87,15 @@ def test_two_process_gloo_equals_single_process_on_concatenated_batch(tmp_path):
 def test_sinkhorn_rejects_non_2d(shape):
     with pytest.raises(ValueError, match=r"\(N, K\)"):
         sinkhorn_knopp(torch.randn(shape), 0.1)
+
+
+def test_softmax_centre_keeps_its_value_when_no_row_was_seen():
+    """A step with no masked patch on any rank must not pull the iBOT centre towards 0."""
+    from ssl_path.losses import SoftmaxCenter
+
+    center = SoftmaxCenter(4)
+    center.center.fill_(2.0)
+    center.update(torch.zeros(0, 4), momentum=0.9)
+    assert torch.equal(center.center, torch.full((4,), 2.0))
+    center.update(torch.ones(3, 4), momentum=0.9)
+    torch.testing.assert_close(center.center, torch.full((4,), 0.9 * 2.0 + 0.1))
