@@ -10,23 +10,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ssl_path.method import DINOv2Module, OptimConfig, synthetic_batch
-from ssl_path.models import DINOHead, create_backbone
+from ssl_path.method import DINOv2Module, synthetic_batch
+from ssl_path.models import create_backbone
+from tests.method.tiny import tiny_module
 
 
 def _module(**overrides) -> DINOv2Module:
-    torch.manual_seed(0)
-    kwargs = dict(
-        backbone=functools.partial(
-            create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.2, reg_tokens=1
-        ),
-        head=functools.partial(DINOHead, out_dim=32, hidden_dim=32, bottleneck_dim=16, nlayers=2),
-        optim=OptimConfig(lr=0.05, warmup_steps=1),
-        batch_size=2,
-        total_steps=10,
-    )
-    kwargs.update(overrides)
-    return DINOv2Module(**kwargs)
+    return tiny_module(backbone_kwargs={"drop_path_rate": 0.2}, **overrides)
 
 
 @pytest.fixture

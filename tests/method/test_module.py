@@ -1,7 +1,6 @@
 """DINOv2Module under a real Lightning Trainer on synthetic batches (real data: tests/test_train.py)."""
 
 import copy
-import functools
 
 import lightning as L
 import pytest
@@ -9,28 +8,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_path.method import DINOv2Module, NonFiniteLossError, OptimConfig, synthetic_batch
-from ssl_path.models import DINOHead, create_backbone
+from tests.method.tiny import tiny_module
 
 B = 2
 
 
 def _module(**overrides) -> DINOv2Module:
-    torch.manual_seed(0)
-    kwargs = dict(
-        backbone=functools.partial(
-            create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.1, reg_tokens=0
-        ),
-        head=functools.partial(DINOHead, out_dim=32, hidden_dim=32, bottleneck_dim=16, nlayers=2),
+    defaults = dict(
         optim=OptimConfig(lr=0.05, warmup_steps=1, layer_decay=0.9),
-        batch_size=B,
         total_steps=4,
         teacher_temp_warmup_steps=2,
         freeze_last_layer_steps=2,
         momentum_teacher=0.9,
         momentum_teacher_end=0.9,
     )
-    kwargs.update(overrides)
-    return DINOv2Module(**kwargs)
+    return tiny_module(backbone_kwargs={"reg_tokens": 0}, **{**defaults, **overrides})
 
 
 def _loader(n: int, poison: set[int] = frozenset()) -> DataLoader:

@@ -5,16 +5,14 @@ know a value (or an output size) computed on the device. These ops are visible o
 aten calls, so a TorchDispatchMode that records them proves the step sync-free without a GPU.
 """
 
-import functools
-
 import lightning as L
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-from ssl_path.method import DINOv2Module, OptimConfig, synthetic_batch
-from ssl_path.models import DINOHead, create_backbone
+from ssl_path.method import DINOv2Module, synthetic_batch
+from tests.method.tiny import tiny_module
 
 aten = torch.ops.aten
 # ops whose result the host must read: a device->host copy, or an output size that depends on data
@@ -50,22 +48,8 @@ class SyncRecorder(TorchDispatchMode):
 
 
 def _module(**overrides) -> DINOv2Module:
-    torch.manual_seed(0)
-    kwargs = dict(
-        backbone=functools.partial(
-            create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.1, reg_tokens=1
-        ),
-        head=functools.partial(DINOHead, out_dim=32, hidden_dim=32, bottleneck_dim=16, nlayers=2),
-        optim=OptimConfig(lr=0.05, warmup_steps=1),
-        batch_size=2,
-        total_steps=10,
-        teacher_temp_warmup_steps=2,
-        freeze_last_layer_steps=1,
-        koleo_weight=0.1,
-        kde_weight=0.1,
-    )
-    kwargs.update(overrides)
-    return DINOv2Module(**kwargs)
+    defaults = dict(teacher_temp_warmup_steps=2, freeze_last_layer_steps=1, koleo_weight=0.1, kde_weight=0.1)
+    return tiny_module(**{**defaults, **overrides})
 
 
 def _batch(seed: int = 0, poison: bool = False) -> dict:
