@@ -4,19 +4,16 @@ Checked at the dynamo level with the ``aot_eager`` backend (no C++ compiler time
 for compile time and for not silently falling back to eager is how many graphs dynamo captures.
 """
 
-import functools
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from ssl_path.method import DINOv2Module, synthetic_batch
-from ssl_path.models import create_backbone
 from tests.method.tiny import tiny_module
 
 
-def _module(**overrides) -> DINOv2Module:
-    return tiny_module(backbone_kwargs={"drop_path_rate": 0.2}, **overrides)
+def _module(backbone_kwargs: dict | None = None, **overrides) -> DINOv2Module:
+    return tiny_module(backbone_kwargs={"drop_path_rate": 0.2, **(backbone_kwargs or {})}, **overrides)
 
 
 @pytest.fixture
@@ -35,22 +32,31 @@ def _losses(module: DINOv2Module, steps: int = 3) -> list[float]:
     return [float(module.manual_step(b, opt, step=i)["total"]) for i, b in enumerate(batches)]
 
 
-def test_ramped_drop_path_blocks_share_three_graphs(fresh_dynamo):
-    # masked drop path on a ramp (subset blocks only above 0.1): 12 rates, one graph per shape and mode
-    backbone = functools.partial(create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.1, reg_tokens=1)
+def _compile_and_check(backbone_kwargs: dict, pack_crops: bool, graphs: int) -> DINOv2Module:
+    """Compile the blocks (aot_eager), run 3 steps: ``graphs`` graphs for all blocks, no graph break,
+    the same losses as the eager module."""
     module = _module(
-        backbone=backbone, pack_crops=False, compile_blocks=True, compile_options={"backend": "aot_eager"}
+        backbone_kwargs=backbone_kwargs,
+        pack_crops=pack_crops,
+        compile_blocks=True,
+        compile_options={"backend": "aot_eager"},
     )
-    rates = [b.drop_path1.drop_prob for b in module.student["backbone"].vit.blocks]
-    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(set(rates)) == 12  # timm's ramp
     module.configure_model()
     compiled = _losses(module)
-    # student on global crops, student on local crops, teacher (eval, no grad): 3 graphs for 24 blocks
-    assert counters["stats"]["unique_graphs"] == 3
+    assert counters["stats"]["unique_graphs"] == graphs
     assert sum(counters["graph_break"].values()) == 0
-    assert all(not k.startswith("_orig_mod") and "._orig_mod." not in k for k in module.state_dict())
-    eager = _losses(_module(backbone=backbone, pack_crops=False))
+    eager = _losses(_module(backbone_kwargs=backbone_kwargs, pack_crops=pack_crops))
     assert compiled == pytest.approx(eager, rel=1e-5)
+    return module
+
+
+def test_ramped_drop_path_blocks_share_three_graphs(fresh_dynamo):
+    # masked drop path on a ramp (subset blocks only above 0.1): 12 rates, one graph per shape and mode;
+    # student on global crops, student on local crops, teacher (eval, no grad): 3 graphs for 24 blocks
+    module = _compile_and_check({"drop_path_rate": 0.1}, pack_crops=False, graphs=3)
+    rates = [b.drop_path1.drop_prob for b in module.student["backbone"].vit.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(set(rates)) == 12  # timm's ramp
+    assert all(not k.startswith("_orig_mod") and "._orig_mod." not in k for k in module.state_dict())
 
 
 def test_drop_path_statistics_and_eval_identity():
@@ -69,43 +75,19 @@ def test_drop_path_statistics_and_eval_identity():
 
 
 def test_uniform_subset_drop_path_compiles_to_three_graphs(fresh_dynamo):
-    backbone = functools.partial(
-        create_backbone, "vit_tiny", img_size=32, drop_path_rate=0.3, drop_path_uniform=True, reg_tokens=1
-    )
-    module = _module(
-        backbone=backbone, pack_crops=False, compile_blocks=True, compile_options={"backend": "aot_eager"}
-    )
-    module.configure_model()
-    compiled = _losses(module)
-    assert counters["stats"]["unique_graphs"] == 3
-    assert sum(counters["graph_break"].values()) == 0
-    assert compiled == pytest.approx(_losses(_module(backbone=backbone, pack_crops=False)), rel=1e-5)
+    _compile_and_check({"drop_path_rate": 0.3, "drop_path_uniform": True}, pack_crops=False, graphs=3)
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.1, 0.3])  # masked ramp / uniform subset
-def test_packed_crops_compile_to_two_graphs_and_match_two_passes(fresh_dynamo, drop_path_rate):
-    backbone = functools.partial(
-        create_backbone,
-        "vit_tiny",
-        img_size=32,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=drop_path_rate > 0.1,
-        reg_tokens=1,
-    )
-    module = _module(
-        backbone=backbone, pack_crops=True, compile_blocks=True, compile_options={"backend": "aot_eager"}
-    )
-    module.configure_model()
-    compiled = _losses(module)
+def test_packed_crops_compile_to_two_graphs(fresh_dynamo, drop_path_rate):
     # student packed (both crop sizes in one graph) + teacher: 2 graphs for all blocks
-    assert counters["stats"]["unique_graphs"] == 2
-    assert sum(counters["graph_break"].values()) == 0
-    assert compiled == pytest.approx(_losses(_module(backbone=backbone, pack_crops=True)), rel=1e-5)
+    bb = {"drop_path_rate": drop_path_rate, "drop_path_uniform": drop_path_rate > 0.1}
+    _compile_and_check(bb, pack_crops=True, graphs=2)
 
 
 def test_packed_crops_step_equals_two_pass_step_without_drop_path():
-    backbone = functools.partial(create_backbone, "vit_tiny", img_size=32, reg_tokens=1)
-    packed, separate = _module(backbone=backbone), _module(backbone=backbone, pack_crops=False)
+    no_drop = {"drop_path_rate": 0.0}
+    packed, separate = _module(backbone_kwargs=no_drop), _module(backbone_kwargs=no_drop, pack_crops=False)
     assert _losses(packed) == pytest.approx(_losses(separate), rel=1e-5)
     for (name, p), q in zip(packed.student.named_parameters(), separate.student.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
