@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ssl_path import losses as L_
-from ssl_path.data.masking import mask_indices as _mask_indices
+from ssl_path.data.masking import mask_indices
 from ssl_path.method.ema import ema_update
 from ssl_path.method.nonfinite import NonFiniteGuard, apply_found_inf, clear_found_inf
 from ssl_path.method.optim import OptimConfig, build_optimizer
@@ -259,7 +259,7 @@ class DINOv2Module(L.LightningModule):
             out["dino"] = L_.dino_loss(student["cls_logits"], teacher["cls_probs"], self.student_temp)
         if self.weights["ibot"] > 0:
             # each image weighs the same whatever its number of masked patches (DINOv2 masks_weight)
-            weights = L_.ibot_mask_weights(masks, mask_indices(batch))  # (M,)
+            weights = L_.ibot_mask_weights(masks, batch_mask_indices(batch))  # (M,)
             out["ibot"] = L_.ibot_patch_loss(
                 student["ibot_logits"], teacher["ibot_probs"], weights, self.student_temp
             )
@@ -305,15 +305,26 @@ class DINOv2Module(L.LightningModule):
         self._logging_step = self._logs_this_step()
         if self._logging_step:
             self._log_step(losses, values, batch)
-        if self.centering == "softmax":  # applied once per optimiser step, in optimizer_step
-            for name, logits in (
-                ("dino_center", teacher["cls_logits"]),
-                ("ibot_center", teacher["ibot_logits"]),
-            ):
-                stats = getattr(self, name).batch_stats(logits)
-                pending = self._center_stats.get(name)
-                self._center_stats[name] = stats if pending is None else pending + stats
+        self._pool_center_stats(teacher)  # applied once per optimiser step, in optimizer_step
         return losses["total"]
+
+    def _pool_center_stats(self, teacher: dict[str, torch.Tensor]) -> None:
+        """Softmax centring: add this micro-batch's teacher-logit sums to the step's pool."""
+        if self.centering != "softmax":
+            return
+        for name, logits in (("dino_center", teacher["cls_logits"]), ("ibot_center", teacher["ibot_logits"])):
+            stats = getattr(self, name).batch_stats(logits)
+            pending = self._center_stats.get(name)
+            self._center_stats[name] = stats if pending is None else pending + stats
+
+    def _after_optimizer_step(self, momentum: float, skip: torch.Tensor | None) -> None:
+        """EMA teacher and softmax centres once per optimiser step, both left as they were where the
+        step's device flag ``skip`` is set; then the non-finite counters take the step."""
+        ema_update(self.teacher, self.student, momentum, skip=skip)
+        for name, stats in self._center_stats.items():
+            getattr(self, name).update_from_stats(stats, self.center_momentum, skip=skip)
+        self._center_stats = {}
+        self.nonfinite.end_step()
 
     @property
     def nonfinite_total(self) -> int:
@@ -375,6 +386,7 @@ class DINOv2Module(L.LightningModule):
             student = self.student_output(batch)
             losses = self.compute_losses(student, teacher, batch)
         self.nonfinite.observe(losses)
+        self._pool_center_stats(teacher)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         if values.last_layer_frozen:
@@ -384,11 +396,7 @@ class DINOv2Module(L.LightningModule):
         apply_found_inf(optimizer, found_inf)
         optimizer.step()
         clear_found_inf(optimizer)
-        ema_update(self.teacher, self.student, values.momentum, skip=found_inf)
-        if self.centering == "softmax":
-            self.dino_center.update(teacher["cls_logits"], self.center_momentum, skip=found_inf)
-            self.ibot_center.update(teacher["ibot_logits"], self.center_momentum, skip=found_inf)
-        self.nonfinite.end_step()
+        self._after_optimizer_step(values.momentum, found_inf)
         out = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm.detach()
@@ -400,12 +408,8 @@ class DINOv2Module(L.LightningModule):
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         clear_found_inf(optimizer)
-        skip = self.nonfinite.step_found_inf  # None: no clipping hook ran (then nothing was found)
-        ema_update(self.teacher, self.student, self.schedule_at(step).momentum, skip=skip)
-        for name, stats in self._center_stats.items():  # the step's pooled teacher logits, same skip
-            getattr(self, name).update_from_stats(stats, self.center_momentum, skip=skip)
-        self._center_stats = {}
-        self.nonfinite.end_step()
+        # skip is None when no clipping hook ran (then nothing was found)
+        self._after_optimizer_step(self.schedule_at(step).momentum, self.nonfinite.step_found_inf)
         self._stepped = True
 
     # ------------------------------------------------------------------ logging
@@ -537,11 +541,11 @@ def _head_out_dim(head: nn.Module) -> int:
     return head.last_layer.out_features  # DINOHead's prototype layer
 
 
-def mask_indices(batch: dict[str, Any]) -> torch.Tensor:
+def batch_mask_indices(batch: dict[str, Any]) -> torch.Tensor:
     """The batch's ``mask_indices`` (made by the data workers), else computed here (a host sync)."""
     indices = batch.get("mask_indices")
     if indices is None:
-        indices = batch["mask_indices"] = _mask_indices(batch["masks"])
+        indices = batch["mask_indices"] = mask_indices(batch["masks"])
     return indices
 
 
@@ -551,4 +555,4 @@ def _masked_tokens(patch: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     ``index_select`` (backward: ``index_add_``) needs no host sync. ``flatten`` copies the patch slice
     (it is not contiguous: the prefix tokens sit between images); integer advanced indexing would avoid
     that copy but its backward is a sorting ``index_put_``, not checked for syncs on a GPU yet."""
-    return patch.flatten(0, 1).index_select(0, mask_indices(batch))
+    return patch.flatten(0, 1).index_select(0, batch_mask_indices(batch))
