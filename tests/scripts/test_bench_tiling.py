@@ -8,25 +8,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.scripts.bench_cli import run_bench
 
 SCRIPT = REPO_ROOT / "scripts" / "bench_tiling.py"
 
 
 def _run(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, str(SCRIPT), "--repeats", "1", "--threads", "1", "--json-out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    json_lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(json_lines) == 1
-    row = json.loads(json_lines[0])
-    assert row == json.loads(out.read_text().strip())
-    return proc, row
+    proc, rows = run_bench(
+        SCRIPT, tmp_path, "--repeats", "1", "--threads", "1", "--json-out", str(out), *extra
+    )
+    assert len(rows) == 1
+    assert rows[0] == json.loads(out.read_text().strip())
+    return proc, rows[0]
 
 
 def _bench_module():

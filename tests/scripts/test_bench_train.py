@@ -3,41 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from tests.conftest import REPO_ROOT
+from tests.scripts.bench_cli import run_bench
+
+SCRIPT = REPO_ROOT / "scripts" / "bench_train.py"
 
 
 def test_bench_train_cpu_smoke(tmp_path):
     out = tmp_path / "rows.jsonl"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "scripts" / "bench_train.py"),
-        "--device",
-        "cpu",
-        "--configs",
-        "vit_tiny:2",
-        "--global-size",
-        "64",
-        "--local-size",
-        "32",
-        "--n-local",
-        "2",
-        "--out-dim",
-        "512",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--json-out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    json_lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(json_lines) == 1
-    row = json.loads(json_lines[0])
+    proc, rows = run_bench(
+        SCRIPT,
+        tmp_path,
+        *("--device", "cpu", "--configs", "vit_tiny:2", "--global-size", "64", "--local-size", "32"),
+        *("--n-local", "2", "--out-dim", "512", "--steps", "2", "--warmup", "1", "--json-out", str(out)),
+    )
+    assert len(rows) == 1
+    row = rows[0]
     assert row == json.loads(out.read_text().strip())
     assert row["model"] == "vit_tiny" and row["mode"] == "step" and row["batch_size"] == 2
     assert row["crops"] == "2x64+2x32"
@@ -51,17 +33,14 @@ def test_bench_train_cpu_smoke(tmp_path):
 def test_bench_train_baseline_comparison_reports_a_ratio(tmp_path):
     """--baseline runs the 'before' overrides alternately with the current config; here the masked
     drop path against subset drop path at rate 0.5 (the current run does fewer FLOPs)."""
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "scripts" / "bench_train.py"),
+    proc, rows = run_bench(
+        SCRIPT,
+        tmp_path,
         *("--device", "cpu", "--configs", "vit_tiny:4", "--global-size", "64", "--local-size", "32"),
         *("--n-local", "2", "--out-dim", "256", "--steps", "2", "--warmup", "1", "--rounds", "1"),
         *("--set", "model.backbone.drop_path_rate=0.5", "--set", "model.backbone.drop_path_uniform=true"),
         *("--baseline", "model.backbone.drop_path_subset=false"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    )
     assert [r["run"] for r in rows] == ["baseline", "current"]
     assert rows[0]["overrides"][-1] == "model.backbone.drop_path_subset=false"
     assert "model.backbone.drop_path_subset=false" not in rows[1]["overrides"]
