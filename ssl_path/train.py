@@ -139,7 +139,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns ``{"status", "global_step", "run_dir", "checkpoint", "metrics"}``."""
+    """Train as configured.
+
+    Returns ``{"status", "signal", "global_step", "run_dir", "checkpoint", "metrics"}``.
+    """
     validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
     if cfg.trainer.get("gradient_clip_val") is not None:
         raise ConfigValidationError(
@@ -168,9 +171,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("run dir %s; %s", run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
     # our checkpoints hold only tensors and plain types: resume with weights_only loading
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-    stopped = any(isinstance(c, GracefulStop) and c.stopped for c in callbacks)
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop) and c.stopped), None)
     return {
-        "status": "stopped" if stopped else "finished",
+        "status": "finished" if stop is None else "stopped",
+        "signal": None if stop is None else stop.received,
         "global_step": trainer.global_step,
         "run_dir": str(run_dir),
         "checkpoint": str(Path(_checkpoint_dir(callbacks, run_dir)) / PeriodicCheckpoint.LAST),
@@ -186,8 +190,8 @@ def _checkpoint_dir(callbacks: list, run_dir: Path) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> dict[str, Any]:
+    return run(cfg)  # the summary is the job's return value (SubmititRequeue reads it; submitit pickles it)
 
 
 if __name__ == "__main__":

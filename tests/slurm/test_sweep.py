@@ -26,6 +26,14 @@ def _run_dirs(sweep: Path) -> list[Path]:
     return sorted(p.parent.parent for p in sweep.glob("*/.hydra/config.yaml"))
 
 
+def _job_id(run: Path) -> str:
+    return str(yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+
+
+def _job_logs(sweep: Path, job_id: str) -> str:
+    return "".join(p.read_text() for p in sorted((sweep / ".submitit" / job_id).glob("*_log.*")))
+
+
 def _first_checkpointed(sweep: Path) -> Path | None:
     return next((d for d in _run_dirs(sweep) if (d / "checkpoints" / "last.ckpt").is_file()), None)
 
@@ -59,7 +67,7 @@ def sweep(tmp_path_factory, slurm_env, tiled_root):
             victim = wait_for(
                 lambda: _first_checkpointed(sweep_dir), 480, "a sweep job's first checkpoint", 0.2
             )
-            job_id = yaml.safe_load((victim / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"]
+            job_id = _job_id(victim)
             # Signal the job's srun step: on SLURM 22.05 `scancel --signal` on the whole job retries
             # (re-sending the signal) for about a minute while the batch step is "in transition".
             subprocess.run(["scancel", "--signal=USR1", f"{job_id}.0"], env=slurm_env, timeout=30, check=True)
@@ -68,7 +76,7 @@ def sweep(tmp_path_factory, slurm_env, tiled_root):
             proc.kill()
             subprocess.run(["scancel", "--name=scaling_smoke"], env=slurm_env, timeout=30, check=False)
             raise
-    return {"dir": sweep_dir, "rc": rc, "log": log.read_text(), "victim": victim, "victim_job": str(job_id)}
+    return {"dir": sweep_dir, "rc": rc, "log": log.read_text(), "victim": victim, "victim_job": job_id}
 
 
 def test_sweep_runs_four_jobs_and_requeues_the_preempted_one(sweep):
@@ -81,12 +89,14 @@ def test_sweep_runs_four_jobs_and_requeues_the_preempted_one(sweep):
         )
         got.add((overrides["model"], overrides["data.tier"]))
         status = json.loads((run / "status.json").read_text())
-        assert status["status"] == "finished" and status["global_step"] == MAX_STEPS, (run, status)
+        assert status["status"] == "finished" and status["global_step"] == MAX_STEPS, (
+            f"{run}: {status}\n{_job_logs(sweep['dir'], _job_id(run))[-6000:]}"
+        )
     assert got == GRID
 
     # The signalled job: GracefulStop at a step boundary, submitit requeue, resume from last.ckpt.
     victim, job_id = sweep["victim"], sweep["victim_job"]
-    job_logs = "".join(p.read_text() for p in (sweep["dir"] / ".submitit" / job_id).glob("*_log.*"))
+    job_logs = _job_logs(sweep["dir"], job_id)
     assert "handing over to submitit to requeue" in job_logs, job_logs[-4000:]
     assert f"Requeued job {job_id}" in job_logs
     assert "resuming from" in job_logs and str(victim / "checkpoints" / "last.ckpt") in job_logs

@@ -2,7 +2,7 @@
 with USR1 checkpoints at a step boundary, requeues itself, resumes and ends with the same step count and
 bit-identical weights as an uninterrupted run.
 
-The two jobs are submitted together (one CPU each) so that the module costs about one run.
+The jobs are submitted together (one CPU each) so that the module costs about two runs.
 """
 
 from __future__ import annotations
@@ -44,23 +44,26 @@ def two_jobs(tmp_path_factory, slurm_env, tiled_root):
     """Submit the reference run and the run to interrupt; signal the second after its first checkpoint."""
     tmp = tmp_path_factory.mktemp("sbatch")
     jobs = {}
-    for name in ("reference", "interrupted"):
+    for name in ("reference", "interrupted", "step_signalled"):
         run_dir, log = tmp / name, tmp / f"{name}.out"
         opts = [f"--job-name=ssl_{name}", "--cpus-per-task=1", "--time=15", f"--output={log}"]
         script = str(REPO / "slurm" / "train.sbatch")
         job_id = sbatch([*opts, script, *_overrides(tiled_root, run_dir)], slurm_env)
         jobs[name] = {"id": job_id, "run_dir": run_dir, "log": log}
 
-    victim = jobs["interrupted"]
-    # The first periodic checkpoint (step 2) proves training is under way; then preempt it.
-    wait_for(
-        lambda: (victim["run_dir"] / "checkpoints" / "last.ckpt").is_file(),
-        420,
-        "the interrupted run's first checkpoint",
-        poll=0.2,
-    )
-    signal_cmd = ["scancel", "--batch", "--signal=USR1", victim["id"]]
-    subprocess.run(signal_cmd, env=slurm_env, check=True, timeout=30)
+    # The first periodic checkpoint (step 2) proves training is under way; then preempt the run: through
+    # the batch shell's trap (as SLURM's `--signal=B:USR1@120` does), or on the tasks only (the
+    # script then learns from status.json that the trainer stopped on USR1).
+    for name, target in (("interrupted", ["--batch", "{}"]), ("step_signalled", ["{}.0"])):
+        victim = jobs[name]
+        wait_for(
+            lambda v=victim: (v["run_dir"] / "checkpoints" / "last.ckpt").is_file(),
+            420,
+            f"the {name} run's first checkpoint",
+            poll=0.2,
+        )
+        signal_cmd = ["scancel", "--signal=USR1", *(t.format(victim["id"]) for t in target)]
+        subprocess.run(signal_cmd, env=slurm_env, check=True, timeout=30)
     for job in jobs.values():
         job["info"] = wait_job_end(job["id"], slurm_env, timeout=600, log=job["log"])
         job["text"] = job["log"].read_text() if job["log"].is_file() else ""
@@ -115,6 +118,21 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(two_jobs):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:5]}"
+
+
+def test_usr1_on_the_tasks_only_is_read_from_status_json(two_jobs):
+    """`scancel --signal=USR1 <job>.0` bypasses the batch shell's trap; status.json of this attempt (a stale
+    one is removed before srun) tells the script that the trainer stopped on USR1, so it requeues."""
+    job = two_jobs["step_signalled"]
+    text = job["text"]
+    assert job["info"]["JobState"] == "COMPLETED" and job["info"]["Restarts"] == "1", text[-3000:]
+    assert "got SIGUSR1" not in text  # the batch shell never saw the signal
+    assert "status.json says stopped on SIGUSR1" in text and f"requeueing job {job['id']}" in text
+    versions = sorted((job["run_dir"] / "csv").glob("version_*/metrics.csv"))
+    first, second = (_steps(v) for v in versions)
+    assert first[-1] + 1 == second[0] and second[-1] == MAX_STEPS - 1, (first, second)
+    status = json.loads((job["run_dir"] / "status.json").read_text())
+    assert status == {"status": "finished", "global_step": MAX_STEPS, "signal": None}
 
 
 def test_job_info_reads_scontrol(two_jobs, slurm_env):
