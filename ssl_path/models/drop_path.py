@@ -77,7 +77,12 @@ def subset_residual(
     branch costs ``keep / B`` of its FLOPs. ``keep`` depends only on B and p, so shapes stay static.
     """
     b = x.shape[0]
-    keep = max(int(b * (1.0 - drop_prob)), 1)
-    idx = torch.randperm(b, device=x.device)[:keep]
+    idx = kept_samples(b, drop_prob, x.device)
     residual = branch(x.index_select(0, idx))
-    return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=b / keep)
+    return torch.index_add(x, 0, idx, residual.to(x.dtype), alpha=b / idx.shape[0])
+
+
+def kept_samples(batch: int, drop_prob: float, device: torch.device) -> torch.Tensor:
+    """Indices of the ``max(int(batch * (1 - p)), 1)`` random samples whose residual branch runs."""
+    keep = max(int(batch * (1.0 - drop_prob)), 1)
+    return torch.randperm(batch, device=device)[:keep]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_path.models.drop_path import kept_samples
+
 __all__ = ["Layout", "pack", "packed_block", "unpack"]
 
 Layout = tuple[tuple[int, int], ...]  # (images B_i, tokens per image N_i) of each crop size, in order
@@ -100,8 +102,8 @@ def _kept_rows(layout: Layout, drop_prob: float, device: torch.device) -> tuple[
     and the layout of the kept images (DINOv2's subset stochastic depth, per crop size)."""
     rows, scales, kept, offset = [], [], [], 0
     for b, n in layout:
-        keep = max(int(b * (1.0 - drop_prob)), 1)
-        images = torch.randperm(b, device=device)[:keep]
+        images = kept_samples(b, drop_prob, device)
+        keep = images.shape[0]
         rows.append((offset + images[:, None] * n + torch.arange(n, device=device)).reshape(-1))
         scales.append(torch.full((keep * n, 1), b / keep, device=device))
         kept.append((keep, n))
