@@ -25,7 +25,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -90,7 +90,7 @@ class SubmititRequeue(Callback):
                 _fail(f"{type(err).__name__}: {err}", summary)
 
 
-def _fail(reason: str, summary: dict) -> None:
+def _fail(reason: str, summary: dict) -> NoReturn:
     """Leave the job failed, loudly: a stopped run must not pass for a finished one."""
     log.error(
         "run %s stopped at step %s but was NOT requeued (%s); rerun the same command to resume from %s",
