@@ -76,6 +76,16 @@ def _steps(metrics_csv: Path) -> list[int]:
         return sorted({int(float(row["step"])) for row in csv.DictReader(f) if row.get("loss/total")})
 
 
+def _attempt_steps(job: dict) -> tuple[list[int], list[int]]:
+    """Training steps logged by the first attempt and by the requeued one (one CSV version each); the
+    second must end at the last step."""
+    versions = sorted((job["run_dir"] / "csv").glob("version_*/metrics.csv"))
+    assert len(versions) == 2, versions
+    first, second = _steps(versions[0]), _steps(versions[1])
+    assert second[-1] == MAX_STEPS - 1, (first, second)
+    return first, second
+
+
 def test_sbatch_smoke_run_completes_with_checkpoint(two_jobs):
     job = two_jobs["reference"]
     assert job["info"]["JobState"] == "COMPLETED", job["text"][-3000:]
@@ -104,11 +114,8 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(two_jobs):
     assert 2 <= stopped_at < MAX_STEPS, f"stopped at {stopped_at}: the signal came too late to test a resume"
 
     # Zero lost steps: the restart (a new CSV version) continues right after the last step before the stop.
-    versions = sorted((job["run_dir"] / "csv").glob("version_*/metrics.csv"))
-    assert len(versions) == 2, versions
-    first, second = _steps(versions[0]), _steps(versions[1])
+    first, second = _attempt_steps(job)
     assert first[-1] == stopped_at - 1 and second[0] == stopped_at, (first, second)
-    assert second[-1] == MAX_STEPS - 1
 
     status = json.loads((job["run_dir"] / "status.json").read_text())
     assert status["status"] == "finished" and status["global_step"] == MAX_STEPS
@@ -128,9 +135,8 @@ def test_usr1_on_the_tasks_only_is_read_from_status_json(two_jobs):
     assert job["info"]["JobState"] == "COMPLETED" and job["info"]["Restarts"] == "1", text[-3000:]
     assert "got SIGUSR1" not in text  # the batch shell never saw the signal
     assert "status.json says stopped on SIGUSR1" in text and f"requeueing job {job['id']}" in text
-    versions = sorted((job["run_dir"] / "csv").glob("version_*/metrics.csv"))
-    first, second = (_steps(v) for v in versions)
-    assert first[-1] + 1 == second[0] and second[-1] == MAX_STEPS - 1, (first, second)
+    first, second = _attempt_steps(job)
+    assert first[-1] + 1 == second[0], (first, second)
     status = json.loads((job["run_dir"] / "status.json").read_text())
     assert status == {"status": "finished", "global_step": MAX_STEPS, "signal": None}
 
