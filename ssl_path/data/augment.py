@@ -4,15 +4,28 @@ References: DINOv2 (Oquab et al. 2023, arXiv:2304.07193; ``dinov2/data/augmentat
 multi-crop recipe; Virchow2 (Zimmermann et al. 2024, arXiv:2408.00738) for extended-context
 translation crops and pathology-specific flips/rotations; Tellez et al. 2018 for HED stain jitter.
 
-DINOv2's ``GaussianBlur(p)`` wrapper (``dinov2/data/transforms.py``) hands ``1 - p`` to
-``RandomApply``, so the reference pipeline blurs global crop 1 with probability 0 and global crop 2
-with 0.9; we implement the *intended* probabilities: global 1 with p=1.0, global 2 with p=0.1,
-locals with 0.5.
+Fidelity to the released DINOv2 code, and the deliberate differences (each a :class:`MultiCropConfig`
+field):
+
+- resize filter: bicubic with antialiasing, as DINOv2's ``RandomResizedCrop(interpolation=BICUBIC)``
+  on PIL images (``interpolation="bilinear"`` is the filter ssl_path used before);
+- colour jitter: brightness, contrast, saturation and hue one at a time, each clipped to [0, 1], in a
+  random order per crop, as torchvision's ``ColorJitter`` (``color_jitter_order="fixed"``: ssl_path's
+  earlier single affine pass in that order without the intermediate clipping, where the order would
+  not matter: the four maps commute);
+- blur: DINOv2's ``GaussianBlur(p)`` wrapper (``dinov2/data/transforms.py``) hands ``1 - p`` to
+  ``RandomApply``, so the released pipeline blurs global crop 1 with probability 0.0, global crop 2
+  with 0.9 and local crops with 0.5. ssl_path's default is the *intended* (paper) probabilities:
+  global 1 with 1.0, global 2 with 0.1, locals with 0.5; ``global_blur_p=(0.0, 0.9)`` gives the
+  released behaviour;
+- solarization: as released (global crop 2 only, p=0.2, threshold 128 of 255, not inverted), but
+  off unless ``solarize=True``;
+- pathology extras DINOv2 does not have: vertical flips, 90 degree rotations, HED stain jitter.
 
 Pipeline per crop: random box (RandomResizedCrop box, or a fixed-size box at a random offset for
 ``mode="translate"``) -> resize to the crop size -> horizontal/vertical flip -> k x 90 deg rotation ->
-HED jitter -> colour jitter (brightness, contrast, saturation, hue) -> grayscale -> blur ->
-solarize -> normalise.
+HED jitter -> colour jitter (brightness, contrast, saturation, hue, in a per-crop order) -> grayscale
+-> blur -> solarize -> normalise.
 
 All randomness is drawn by :func:`sample_params` from one ``numpy.random.Generator`` into small
 tensors; :func:`crops_cpu` (uint8 geometry in a DataLoader worker) and :func:`crops_device`
@@ -25,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,6 +49,8 @@ from ssl_path.data import photometric
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_MODES = ("resize", "translate")
+INTERPOLATIONS = ("bicubic", "bilinear")
+JITTER_ORDERS = ("random", "fixed")
 
 
 def default_local_crop_size(patch_size: int) -> int:
@@ -49,6 +65,22 @@ class MultiCropConfig:
     ``local_crop_size=None`` means DINOv2's size for the patch (:meth:`resolved`: 98 at p14, 96 at p16).
     Per-global-crop lists (``global_blur_p``, ``solarize_p``) give the value for crop j as
     ``list[min(j, len - 1)]``, so extra global crops reuse the last entry.
+
+    Where the defaults depart from DINOv2's released code on purpose:
+
+    - ``global_blur_p=(1.0, 0.1)`` are the *intended* DINOv2 probabilities; the released code inverts
+      them in its ``GaussianBlur`` wrapper and blurs global crop 1 with p=0.0 and global crop 2 with
+      p=0.9 (locals 0.5 either way): set ``global_blur_p=(0.0, 0.9)`` for the released behaviour;
+    - ``solarize=False``: DINOv2 solarizes global crop 2 with p=0.2 (``solarize=True`` with the
+      default ``solarize_p=(0.0, 0.2)``);
+    - ``vflip_p``, ``rotate90``, ``hed_jitter_p`` are pathology additions (DINOv2: 0, False, 0).
+
+    ``interpolation`` ("bicubic" as DINOv2, or "bilinear") is the resize filter of the crops.
+    ``color_jitter_order="random"`` applies the four jitter operations as torchvision's ``ColorJitter``
+    does: one at a time, each clipped to [0, 1], in an order drawn per crop. ``"fixed"`` is the faster
+    single affine pass (brightness, contrast, saturation, hue, no intermediate clipping) that ssl_path
+    used before; it draws no order, so with ``interpolation="bilinear"`` it gives the crops of earlier
+    ssl_path versions for the same seed (the iBOT masks follow DINOv2's rule now and do differ).
     """
 
     n_global_crops: int = 2
@@ -59,6 +91,7 @@ class MultiCropConfig:
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
     global_crop_mode: str = "resize"
     local_crop_mode: str = "resize"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     hflip_p: float = 0.5
     vflip_p: float = 0.5
     rotate90: bool = True
@@ -70,6 +103,7 @@ class MultiCropConfig:
     contrast: float = 0.4
     saturation: float = 0.2
     hue: float = 0.1
+    color_jitter_order: Literal["random", "fixed"] = "random"
     grayscale_p: float = 0.2
     global_blur_p: tuple[float, ...] = (1.0, 0.1)
     local_blur_p: float = 0.5
@@ -90,6 +124,12 @@ class MultiCropConfig:
         for mode in (self.global_crop_mode, self.local_crop_mode):
             if mode not in CROP_MODES:
                 raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.color_jitter_order not in JITTER_ORDERS:
+            raise ValueError(
+                f"color_jitter_order must be one of {JITTER_ORDERS}, got {self.color_jitter_order!r}"
+            )
         if self.blur_kernel_size % 2 != 1:
             raise ValueError("blur_kernel_size must be odd")
         if not self.global_blur_p or not self.solarize_p:
@@ -188,6 +228,11 @@ def _sample_kind(
         "sigma": torch.from_numpy(rng.uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], size=n)).float(),
         "solarize": torch.from_numpy(sol_p > u[:, 7]),
     }
+    # drawn last, and only when random, so that "fixed" leaves every other draw as it was
+    order = np.tile(np.arange(4), (n, 1))
+    if cfg.color_jitter_order == "random":
+        order = rng.permuted(order, axis=1)
+    params["jitter_order"] = torch.from_numpy(order)  # (n, 4): ops first to last, 0 b, 1 c, 2 s, 3 h
     return params
 
 
@@ -221,8 +266,11 @@ def _photometric(x: torch.Tensor, p: dict[str, torch.Tensor], cfg: MultiCropConf
     """Float crops in [0, 255] (N, 3, S, S) -> normalised crops, using the sampled parameters.
 
     Colour jitter, grayscale, the /255 and the mean/std normalisation are one ``baddbmm`` pass over all
-    crops (identity jitter where not drawn); the clamp to [0, 1] happens in normalised units. Blur is
-    linear with unit gain, so blurring after normalising equals normalising after blurring.
+    crops (identity jitter where not drawn); the clamp to [0, 1] happens in normalised units. With
+    ``color_jitter_order="random"`` the jittered crops first go through
+    :func:`photometric.colour_jitter` (torchvision's clipped steps in the drawn order) and the pass
+    does grayscale and normalisation only. Blur is linear with unit gain, so blurring after
+    normalising equals normalising after blurring.
     """
     dev = x.device
     n = x.shape[0]
@@ -233,6 +281,14 @@ def _photometric(x: torch.Tensor, p: dict[str, torch.Tensor], cfg: MultiCropConf
     mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1)
     inv_std = 1.0 / torch.tensor(cfg.std, device=dev).view(1, 3, 1)
     jit = p["jitter"].to(dev)
+    if cfg.color_jitter_order == "random":  # torchvision: one op at a time, clipped, per-crop order
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
+        idx = (p["jitter"] != identity.to(p["jitter"].device)).any(dim=1).nonzero().flatten().to(dev)
+        if idx.numel():
+            j = jit[idx]
+            order = p["jitter_order"].to(dev)[idx]
+            x[idx] = photometric.colour_jitter(x[idx], j[:, 0], j[:, 1], j[:, 2], j[:, 3], order, 255.0)
+        jit = identity.to(dev).expand_as(jit)  # the matrix below: grayscale and normalisation only
     a, t = photometric.colour_matrix(
         jit[:, 0], jit[:, 1], jit[:, 2], jit[:, 3], p["gray"].to(dev), x.mean(dim=(2, 3)) / 255.0
     )
@@ -258,6 +314,10 @@ def crops_cpu(
 ) -> torch.Tensor:
     """CPU path for one crop kind: uint8 crop + antialiased resize per crop, then batched ops.
 
+    The resize is ``F.interpolate(uint8, mode=cfg.interpolation, antialias=True)``, the call
+    torchvision's ``resize(..., antialias=True)`` makes for uint8 tensors on the CPU (bicubic: the
+    PIL filter DINOv2's ``RandomResizedCrop`` uses, to within one grey level).
+
     Args:
         tiles: B uint8 tensors (3, H_i, W_i).
         p: parameters of this kind from :func:`sample_params`.
@@ -271,7 +331,9 @@ def crops_cpu(
     for n, ((x0, y0, w, h), (ti, hflip, vflip, rot)) in enumerate(zip(boxes, geo, strict=True)):
         crop = tiles[ti][:, y0 : y0 + h, x0 : x0 + w]
         if h != size or w != size:
-            crop = F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bilinear", antialias=True)[0]
+            crop = F.interpolate(
+                crop.unsqueeze(0), size=(size, size), mode=cfg.interpolation, antialias=True
+            )[0]
         out[n] = _flip_rotate(crop, hflip, vflip, rot)
     return _photometric(out.float(), p, cfg)
 
@@ -302,8 +364,10 @@ def crops_device(
 ) -> torch.Tensor:
     """GPU path for one crop kind: one ``grid_sample`` per crop index over the whole batch.
 
-    Bilinear without antialiasing (the CPU path antialiases); at the default scales a local crop is
-    downsampled by at most ~1.3x from a 224 px tile, so the difference is small.
+    ``grid_sample`` with ``cfg.interpolation`` ("bicubic" or "bilinear") without antialiasing (the CPU
+    path antialiases, and its bicubic kernel is PIL's, a=-0.5, where ``grid_sample`` uses a=-0.75); at
+    the default scales a local crop is downsampled by at most ~1.3x from a 224 px tile, so the
+    difference is small. Bicubic output is clamped to [0, 255], as the CPU path's uint8 output is.
 
     Args:
         tiles: (B, 3, H, W) uint8 on the device, zero-padded to a common size (top-left aligned).
@@ -322,7 +386,11 @@ def crops_device(
     out = torch.empty(grid.shape[0], 3, size, size, device=dev)
     for j in range(grid.shape[0] // b):
         sl = slice(j * b, (j + 1) * b)
-        out[sl] = F.grid_sample(src, grid[sl], mode="bilinear", padding_mode="border", align_corners=False)
+        out[sl] = F.grid_sample(
+            src, grid[sl], mode=cfg.interpolation, padding_mode="border", align_corners=False
+        )
+    if cfg.interpolation == "bicubic":
+        out.clamp_(0.0, 255.0)
     return _photometric(out, p, cfg)
 
 

@@ -7,9 +7,12 @@ worker (CPU) and in ``on_after_batch_transfer`` (device). Per-crop randomness is
 
 Speed: colour jitter and grayscale are composed into one per-crop 3x3 affine map (one ``baddbmm``
 pass instead of ~10 elementwise passes); HED stain jitter is one 3x3 map in optical-density space.
-The composition skips the intermediate clamps that torchvision applies after each jitter step and
-uses the YIQ rotation for hue (Smith 1978) instead of an HSV round trip; both are documented
-approximations whose effect on the crop statistics is small at DINOv2's jitter strengths.
+The composition (:func:`colour_matrix`) skips the intermediate clamps that torchvision applies after
+each jitter step; without them the four jitter maps commute, so the order torchvision draws per call
+would make no difference. :func:`colour_jitter` keeps the clamps and takes a per-crop order, as
+torchvision does (four passes instead of one). Both use the YIQ rotation for hue (Smith 1978) instead
+of an HSV round trip, a documented approximation whose effect on the crop statistics is small at
+DINOv2's jitter strengths.
 """
 
 from __future__ import annotations
@@ -105,16 +108,74 @@ def colour_matrix(
     # saturation: blend with luma, S = s I + (1 - s) 1 luma^T
     sat = s * eye + (1 - s) * luma.view(1, 1, 3).expand(n, 3, 3)
     a, t = sat @ a, sat @ t
-    # hue: rotate the chroma (I, Q) plane of YIQ by 2 pi h
+    hue_m = _hue_matrix(hue)
+    a, t = hue_m @ a, hue_m @ t
+    gray_m = torch.where(grayscale.view(n, 1, 1), luma.view(1, 1, 3).expand(n, 3, 3), eye)
+    return gray_m @ a, gray_m @ t
+
+
+def _hue_matrix(hue: torch.Tensor) -> torch.Tensor:
+    """(N,) hue shifts in turns -> (N, 3, 3) RGB maps rotating the chroma (I, Q) plane of YIQ by 2 pi h."""
+    dev, n = hue.device, hue.shape[0]
     theta = 2 * math.pi * hue.float()
     cos, sin = torch.cos(theta), torch.sin(theta)
     rot = torch.zeros(n, 3, 3, device=dev)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    hue_m = _YIQ_TO_RGB.to(dev, torch.float32) @ rot @ _RGB_TO_YIQ.to(dev, torch.float32)
-    a, t = hue_m @ a, hue_m @ t
-    gray_m = torch.where(grayscale.view(n, 1, 1), luma.view(1, 1, 3).expand(n, 3, 3), eye)
-    return gray_m @ a, gray_m @ t
+    return _YIQ_TO_RGB.to(dev, torch.float32) @ rot @ _RGB_TO_YIQ.to(dev, torch.float32)
+
+
+def colour_jitter(
+    x: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+    order: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """torchvision's ``ColorJitter``: the four operations one at a time, each clipped to [0, scale], in a
+    per-crop order (torchvision draws ``torch.randperm(4)`` per call).
+
+    brightness ``b x``; contrast ``c x + (1 - c) mean_luma(x)`` (the mean luma of the crop as it is at
+    that point); saturation ``s x + (1 - s) luma(x)``; hue: the YIQ chroma rotation of
+    :func:`colour_matrix` (torchvision: an HSV round trip). The clipping after each step is what makes
+    the order matter.
+
+    Args:
+        x: (N, 3, H, W) float RGB, clipped to [0, scale] first.
+        brightness, contrast, saturation, hue: (N,) per-crop factors (identity: 1, 1, 1, 0).
+        order: (N, 4) int, row i lists the operations applied to crop i first to last
+            (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        scale: the value of white (1 for [0, 1] input, 255 for uint8-range floats).
+    Returns:
+        (N, 3, H, W) float RGB in [0, scale].
+    """
+    dev = x.device
+    n, c, h, w = x.shape
+    eye = torch.eye(3, device=dev).expand(n, 3, 3)
+    luma = _LUMA.to(dev, torch.float32)
+    con = contrast.float().to(dev).view(n, 1, 1)
+    sat = saturation.float().to(dev).view(n, 1, 1)
+    ops = torch.stack(  # (N, 4, 3, 3): the linear part of each operation
+        [
+            brightness.float().to(dev).view(n, 1, 1) * eye,
+            con * eye,
+            sat * eye + (1 - sat) * luma.view(1, 1, 3).expand(n, 3, 3),
+            _hue_matrix(hue.to(dev)),
+        ],
+        dim=1,
+    )
+    rows = torch.arange(n, device=dev)
+    order = order.to(dev)
+    y = x.reshape(n, c, h * w).clamp(0.0, scale)
+    for k in range(4):
+        op = order[:, k]
+        # only contrast has an offset: (1 - c) times the mean luma of the crop as it is now
+        mean_luma = (y.mean(dim=2) @ luma).view(n, 1, 1)
+        offset = torch.where((op == 1).view(n, 1, 1), (1 - con) * mean_luma, torch.zeros_like(mean_luma))
+        y = torch.baddbmm(offset.expand(n, 3, 1), ops[rows, op], y).clamp_(0.0, scale)
+    return y.reshape(n, c, h, w)
 
 
 def apply_affine(x: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
