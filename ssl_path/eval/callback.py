@@ -26,7 +26,7 @@ import lightning as L
 import torch
 
 from ssl_path.eval.backbone import normalisation_from_checkpoint
-from ssl_path.eval.datasets import ImageDataset, Split, TileSet, load_tile_set, make_splits
+from ssl_path.eval.datasets import ImageDataset, Split, TileSet, describe_splits, load_tile_set, make_splits
 from ssl_path.eval.features import extract_features
 from ssl_path.eval.protocol import METRICS, ProbeConfig, evaluate_features, summarise
 from ssl_path.eval.runner import FeatureConfig, SplitConfig, backbone_img_size
@@ -89,9 +89,10 @@ class PeriodicEval(L.Callback):
         self.tile_sets = []
         for name, root in self.roots.items():
             tiles = load_tile_set(root, name)
-            self.tile_sets.append(
-                (tiles, make_splits(tiles, self.split.kind, self.split.n_folds, self.split.seeds))
-            )
+            splits = make_splits(tiles, self.split.kind, self.split.n_folds, self.split.seeds)
+            self.tile_sets.append((tiles, splits))
+            if trainer.is_global_zero:
+                log.info("periodic eval on %s", describe_splits(tiles, splits))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step

@@ -3,8 +3,9 @@
 Layout (torchvision ImageFolder): ``root/<class>/*.{png,jpg,jpeg,tif,tiff}``, or
 ``root/train/<class>/...`` + ``root/test/<class>/...`` for a predefined split (the eva
 protocol's BACH/CRC/MHIST/PCam sets ship one). Without a predefined split we use stratified
-k-fold, or leave-one-out when a class is too small for k folds, so that tiny sets such as
-``kather2016-100`` still get an honest held-out estimate.
+k-fold, with fewer folds when a class is too small for ``n_folds`` (leave-one-out only when a class
+has a single tile), so that tiny sets such as ``kather2016-100`` still get an honest held-out estimate
+*with* a fold-to-fold spread.
 """
 
 from __future__ import annotations
@@ -98,22 +99,29 @@ def make_splits(
 
     ``kind``: ``predefined`` (the folder's train/test, one entry per seed so that seeded probes
     still give a spread), ``kfold`` (stratified, shuffled with each seed), ``loo`` (leave-one-out,
-    seed-independent), or ``auto``: predefined if present, else k-fold if every class has at
-    least ``n_folds`` tiles, else leave-one-out.
+    seed-independent), or ``auto``: predefined if present, else stratified k-fold with
+    ``min(n_folds, smallest class)`` folds (warned when reduced), else (a class with one tile)
+    leave-one-out. Leave-one-out pools every prediction into one group, so it reports no spread,
+    and its training side holds all but one tile of the test tile's class: we avoid it where k-fold
+    is possible.
     """
     seeds = list(seeds) if seeds else [0]
     labels = tiles.labels
     if kind == "auto":
+        smallest = int(np.bincount(labels)[np.unique(labels)].min())
         if tiles.subset is not None:
             kind = "predefined"
-        elif np.bincount(labels).min() >= n_folds:
+        elif smallest >= 2:
             kind = "kfold"
+            if smallest < n_folds:
+                warnings.warn(
+                    f"{tiles.name}: smallest class has {smallest} tiles < n_folds={n_folds}; "
+                    f"using {smallest}-fold stratified splits",
+                    stacklevel=2,
+                )
+                n_folds = smallest
         else:
-            warnings.warn(
-                f"{tiles.name}: smallest class has {np.bincount(labels).min()} tiles < n_folds={n_folds}; "
-                "using leave-one-out",
-                stacklevel=2,
-            )
+            warnings.warn(f"{tiles.name}: a class has a single tile; using leave-one-out", stacklevel=2)
             kind = "loo"
     if kind == "predefined":
         if tiles.subset is None:
@@ -135,6 +143,23 @@ def make_splits(
             for i, (tr, te) in enumerate(LeaveOneOut().split(labels))
         ]
     raise ValueError(f"unknown split kind {kind!r}; expected auto, predefined, kfold or loo")
+
+
+def describe_splits(tiles: TileSet, splits: list[Split]) -> str:
+    """One line saying how ``tiles`` was split, printed beside every result table."""
+    counts = np.bincount(tiles.labels, minlength=len(tiles.classes))
+    head = f"{tiles.name}: {len(tiles.labels)} tiles, {len(tiles.classes)} classes (smallest {counts.min()})"
+    groups = sorted({s.group for s in splits})
+    seeds = sorted({s.seed for s in splits})
+    train_min = min(int(np.bincount(tiles.labels[s.train], minlength=len(counts)).min()) for s in splits)
+    if splits[0].name.startswith("predefined"):
+        how = f"predefined train/test ({len(splits[0].train)}/{len(splits[0].test)} tiles), seeds {seeds}"
+    elif groups == ["loo"]:
+        how = "leave-one-out (one pooled group: no spread)"
+    else:
+        n_folds = len(splits) // max(len(seeds), 1)
+        how = f"stratified {n_folds}-fold x seeds {seeds} ({len(groups)} groups, mean ± std over them)"
+    return f"{head}; split: {how}; smallest class in a training split: {train_min} tiles"
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_path.eval.datasets import ImageDataset, Split, TileSet, load_tile_set, make_splits
+from ssl_path.eval.datasets import ImageDataset, Split, TileSet, describe_splits, load_tile_set, make_splits
 from ssl_path.eval.features import collect, extract_features
 from ssl_path.eval.histogram import HistogramTransform
 from ssl_path.eval.protocol import ProbeConfig, evaluate_features, summarise
@@ -168,15 +168,19 @@ def run_evaluation(
     if not datasets:
         raise ValueError("no dataset to evaluate: set data.root=<dir> or pick eval/datasets=<name>")
     output = Path(output)
-    rows = []
+    rows, notes = [], []
     for name, root in datasets.items():
         tiles = load_tile_set(root, name)
         splits = make_splits(tiles, split.kind, split.n_folds, list(split.seeds))
+        notes.append(describe_splits(tiles, splits))
         rows += evaluate_tile_set(tiles, models, splits, probes, feats, output)
     summary = summarise(rows)
     write_csv(rows, output / "results_per_split.csv")
     write_csv(summary, output / "results.csv")
-    table = markdown_table(summary)
+    if probes.knn_k:
+        cap = "capped at the smallest training class" if probes.knn_cap_k else "not capped"
+        notes.append(f"kNN neighbours {cap} (per split in results_per_split.csv, column k)")
+    table = "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(summary)
     (output / "results.md").write_text(table)
     print(table)
     return summary

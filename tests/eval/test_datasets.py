@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_path.eval.datasets import ImageDataset, load_tile_set, make_splits
+from ssl_path.eval.datasets import ImageDataset, describe_splits, load_tile_set, make_splits
 from ssl_path.eval.transforms import eval_transform
 
 KATHER_COUNTS = [18, 8, 13, 12, 12, 10, 18, 9]  # from shared/data/README.md
@@ -40,12 +40,25 @@ def test_kfold_is_stratified_disjoint_and_seeded(kather_dir):
     assert not np.array_equal(splits[0].test, splits[5].test)
 
 
-def test_auto_falls_back_to_leave_one_out(kather_dir):
+def test_auto_uses_fewer_folds_when_a_class_is_small(kather_dir):
     tiles = load_tile_set(kather_dir)
-    with pytest.warns(UserWarning, match="leave-one-out"):
+    with pytest.warns(UserWarning, match="using 8-fold"):
         splits = make_splits(tiles, "auto", n_folds=10)  # class 1 has only 8 tiles
-    assert len(splits) == 100 and {s.group for s in splits} == {"loo"}
-    assert all(len(s.test) == 1 and len(s.train) == 99 for s in splits)
+    assert len(splits) == 8 and len({s.group for s in splits}) == 8  # 8 groups: a fold-to-fold spread
+    assert sorted(np.concatenate([s.test for s in splits]).tolist()) == list(range(100))
+    assert all(len(np.unique(tiles.labels[s.test])) == 8 for s in splits)  # still stratified
+    assert "stratified 8-fold x seeds [0]" in describe_splits(tiles, splits)
+
+
+def test_auto_falls_back_to_leave_one_out_only_for_a_single_tile_class(kather_dir, tmp_path):
+    _copy_tree(kather_dir, tmp_path / "big", per_class=3, classes=["0_tumour_epithelium", "6_adipose"])
+    _copy_tree(kather_dir, tmp_path / "big", per_class=1, classes=["7_background"])
+    tiles = load_tile_set(tmp_path / "big")
+    with pytest.warns(UserWarning, match="leave-one-out"):
+        splits = make_splits(tiles, "auto", n_folds=5)
+    assert len(splits) == 7 and {s.group for s in splits} == {"loo"}
+    assert all(len(s.test) == 1 and len(s.train) == 6 for s in splits)
+    assert "leave-one-out" in describe_splits(tiles, splits)
 
 
 def _copy_tree(kather_dir, dst, per_class: int, offset: int = 0, classes=None):

@@ -58,7 +58,11 @@ def test_random_init_table_structure(random_init_run):
     # the colour floor from shared/data/README.md (~0.66) is reproduced, well above majority (0.18)
     hist_knn = next(r for r in summary if r["model"] == "colour_histogram" and r["probe"] == "knn10")
     assert hist_knn["accuracy_mean"] > 0.5
-    md = (out / "results.md").read_text().splitlines()
+    notes, _, md = (out / "results.md").read_text().partition("\n\n")
+    # the split and the kNN neighbour rule are printed beside the table
+    assert "kather2016-100: 100 tiles, 8 classes (smallest 8); split: stratified 5-fold" in notes
+    assert "kNN neighbours capped at the smallest training class" in notes
+    md = md.splitlines()
     assert md[0] == "| dataset | model | probe | accuracy | balanced acc. | macro F1 | n |"
     assert len(md) == 2 + 6 and " ± " in md[2]
     assert len(read_csv(out / "results.csv")) == 6

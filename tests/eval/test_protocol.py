@@ -19,8 +19,30 @@ def test_leave_one_out_pools_predictions_into_one_group():
     assert len(rows) == 1
     r = rows[0]
     assert (r["probe"], r["group"], r["n_test"], r["C"]) == ("knn1", "loo", 5, "")
+    assert r["k"] == ";".join(["1"] * 5)
     assert r["accuracy"] == pytest.approx(0.8)
     assert r["balanced_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)  # recalls 2/2 and 2/3
+
+
+def test_knn_k_is_capped_at_the_smallest_training_class():
+    """Four tiles of class 1 beside 40 of class 0, all nearly parallel (cosines within 1e-3, so the
+    exp(sim / T) vote weights are almost equal): with k=20 the big class outvotes the small one (recall 0
+    for class 1), capped at the smallest training class (3) the small class is found."""
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 4)
+    x = np.zeros((44, 4))
+    x[:, 0] = 1.0
+    x[:40] += 0.01 * rng.normal(size=(40, 4))
+    x[40:, 1] += 0.05  # class 1 sits a little apart
+    x[40:] += 0.001 * rng.normal(size=(4, 4))
+    idx = np.arange(len(y))
+    test = np.array([0, 1, 40])  # two of class 0, one of class 1
+    splits = [Split("s", "s", 0, np.setdiff1d(idx, test), test)]
+    capped = evaluate_features(x, y, splits, ProbeConfig(knn_k=(20,), linear=False))[0]
+    uncapped = evaluate_features(x, y, splits, ProbeConfig(knn_k=(20,), knn_cap_k=False, linear=False))[0]
+    assert (capped["k"], uncapped["k"]) == ("3", "20")
+    assert capped["balanced_accuracy"] == pytest.approx(1.0)
+    assert uncapped["balanced_accuracy"] == pytest.approx(0.5)  # class 1 never predicted
 
 
 def test_linear_rows_record_the_chosen_c():
