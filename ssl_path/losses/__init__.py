@@ -2,11 +2,12 @@
 
 from ssl_path.losses.centering import SoftmaxCenter, sinkhorn_knopp, softmax_center
 from ssl_path.losses.dino import dino_loss
-from ssl_path.losses.ibot import ibot_mask_weights, ibot_patch_loss
+from ssl_path.losses.ibot import IBOT_NORMALIZATIONS, ibot_mask_weights, ibot_patch_loss
 from ssl_path.losses.kde import kde_loss
 from ssl_path.losses.koleo import koleo_loss
 
 __all__ = [
+    "IBOT_NORMALIZATIONS",
     "SoftmaxCenter",
     "dino_loss",
     "ibot_mask_weights",

@@ -2,7 +2,8 @@
 
 Zhou et al. 2022, "iBOT: Image BERT Pre-Training with Online Tokenizer", arXiv:2111.07832, Eq. (2);
 DINOv2 (arXiv:2304.07193) §4. Reference implementation: facebookresearch/dinov2
-``dinov2/loss/ibot_patch_loss.py::forward_masked`` (per-image weights ``1 / n_masked``).
+``dinov2/loss/ibot_patch_loss.py::forward_masked`` (per-image weights ``1 / n_masked``) and its
+scaling in ``dinov2/train/ssl_meta_arch.py::forward_backward``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ibot_mask_weights", "ibot_patch_loss"]
+__all__ = ["IBOT_NORMALIZATIONS", "ibot_mask_weights", "ibot_patch_loss"]
+
+IBOT_NORMALIZATIONS = ("dinov2", "masked_images")
 
 
 def ibot_mask_weights(masks: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,23 +40,39 @@ def ibot_patch_loss(
     teacher_probs: torch.Tensor,
     weights: torch.Tensor,
     student_temp: float,
+    normalization: str = "dinov2",
+    n_images: int | None = None,
 ) -> torch.Tensor:
-    """Weighted mean cross-entropy over masked patch tokens.
+    """Weighted cross-entropy over masked patch tokens, normalised one of two ways.
 
-    ``loss = sum_m w_m * H(teacher_m, student_m) / sum_m w_m``. With ``ibot_mask_weights`` this is
-    the mean over images (that have masked tokens) of each image's mean over its masked tokens, so
-    an image with many masked patches does not dominate. DINOv2 divides by *all* images instead,
-    which makes the loss scale depend on the mask probability; we normalise by the weights.
+    With ``CE_m = H(teacher_m, student_m)`` and ``ibot_mask_weights`` (``w_m = 1 / n_masked(image)``):
+
+    * ``dinov2``: ``sum_m w_m * CE_m / n_images``, ``n_images`` = all global crops ``n_g * B``, masked
+      or not. This is DINOv2's ``iBOTPatchLoss.forward_masked`` (``-(loss * masks_weight).sum() /
+      student_masks_flat.shape[0]``) times the ``loss_scales * ibot_loss_scale = 2 * 1/n_global_crops``
+      of ``ssl_meta_arch.forward_backward``, a factor 1 at its fixed ``n_global_crops = 2``: the mean
+      over all global crops of each crop's mean masked CE, unmasked crops counting 0. With DINOv2's
+      mask probability 0.5 half the crops are masked, so the term is half the ``masked_images`` one.
+    * ``masked_images``: ``sum_m w_m * CE_m / sum_m w_m``, the mean over the images that have masked
+      tokens (independent of the mask probability).
+
+    Either way an image with many masked patches does not outweigh one with few.
 
     Args:
         student_logits: (M, K) student head outputs at the masked tokens.
         teacher_probs: (M, K) teacher targets at the same tokens (unmasked view), rows sum to 1.
         weights: (M,) non-negative per-token weights.
         student_temp: student softmax temperature.
+        normalization: ``dinov2`` or ``masked_images`` (above).
+        n_images: number of global crops ``n_g * B`` (a Python int: no host sync); needed for ``dinov2``.
 
     Returns:
         Scalar loss; 0 (still attached to the graph) when M == 0.
     """
+    if normalization not in IBOT_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {IBOT_NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "dinov2" and (n_images is None or n_images <= 0):
+        raise ValueError(f"normalization='dinov2' needs n_images = n_global_crops * B > 0, got {n_images}")
     if student_logits.shape != teacher_probs.shape or student_logits.ndim != 2:
         raise ValueError(f"expected matching (M, K), got {student_logits.shape} and {teacher_probs.shape}")
     if weights.shape != student_logits.shape[:1]:
@@ -64,4 +83,6 @@ def ibot_patch_loss(
         log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # (M, K)
         ce = -(teacher_probs.float() * log_p).sum(dim=-1)  # (M,)
         w = weights.float()
+        if normalization == "dinov2":
+            return (ce * w).sum() / n_images
         return (ce * w).sum() / w.sum().clamp_min(torch.finfo(torch.float32).tiny)

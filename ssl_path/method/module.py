@@ -60,10 +60,14 @@ class DINOv2Module(L.LightningModule):
         student_temp: student softmax temperature.
         teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps: teacher temperature warmup.
         momentum_teacher, momentum_teacher_end: EMA momentum, cosine from the first to the second.
-        freeze_last_layer_steps: prototype layer frozen for these first steps.
+        freeze_last_layer_steps: the prototype layers' lr is 0 for these first steps (DINOv2's
+            ``last_layer_lr_schedule``: their gradients still move AdamW's moments and step count).
         centering: ``sinkhorn_knopp`` (DINOv2) or ``softmax`` (DINO's EMA centre).
         center_momentum: EMA momentum of the softmax centre.
         separate_ibot_head: a second head for iBOT (DINOv2 large configs) or the DINO head shared.
+        ibot_normalization: ``dinov2`` (the masked-patch CE summed with per-image weights and divided
+            by all ``n_g * B`` global crops, as DINOv2) or ``masked_images`` (divided by the number of
+            masked crops: with mask probability 0.5, twice the ``dinov2`` term); ``losses.ibot``.
         max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
             the device-side counters are read on logging steps and at the end (method/nonfinite.py).
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
@@ -99,6 +103,7 @@ class DINOv2Module(L.LightningModule):
         centering: str = "sinkhorn_knopp",
         center_momentum: float = 0.9,
         separate_ibot_head: bool = True,
+        ibot_normalization: str = "dinov2",
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
         compile_options: dict[str, Any] | None = None,
@@ -109,6 +114,11 @@ class DINOv2Module(L.LightningModule):
         super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        if ibot_normalization not in L_.IBOT_NORMALIZATIONS:
+            raise ValueError(
+                f"ibot_normalization must be one of {L_.IBOT_NORMALIZATIONS}, got {ibot_normalization!r}"
+            )
+        self.ibot_normalization = ibot_normalization
         self.optim = optim
         self.batch_size = batch_size
         self.total_steps = total_steps
@@ -261,7 +271,12 @@ class DINOv2Module(L.LightningModule):
             # each image weighs the same whatever its number of masked patches (DINOv2 masks_weight)
             weights = L_.ibot_mask_weights(masks, batch_mask_indices(batch))  # (M,)
             out["ibot"] = L_.ibot_patch_loss(
-                student["ibot_logits"], teacher["ibot_probs"], weights, self.student_temp
+                student["ibot_logits"],
+                teacher["ibot_probs"],
+                weights,
+                self.student_temp,
+                normalization=self.ibot_normalization,
+                n_images=masks.shape[0],  # n_g * B global crops, masked or not
             )
         if self.weights["koleo"] > 0:
             out["koleo"] = sum(L_.koleo_loss(c) for c in student["global_cls"].chunk(n_g))
@@ -288,9 +303,11 @@ class DINOv2Module(L.LightningModule):
         )
 
     def apply_optimizer_schedule(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
-        """Write the scheduled lr and weight decay into every param group (times its multipliers)."""
+        """Write the scheduled lr and weight decay into every param group (times its multipliers); the
+        prototype layers take ``last_layer_lr`` (0 while frozen), as DINOv2's ``apply_optim_scheduler``."""
         for group in optimizer.param_groups:
-            group["lr"] = values.lr * group["lr_mult"]
+            lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+            group["lr"] = lr * group["lr_mult"]
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -335,17 +352,6 @@ class DINOv2Module(L.LightningModule):
     def nonfinite_in_a_row(self) -> int:
         return self.nonfinite.in_a_row
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.schedule_at(self.global_step).last_layer_frozen:
-            self._drop_last_layer_grads(optimizer)
-
-    @staticmethod
-    def _drop_last_layer_grads(optimizer: torch.optim.Optimizer) -> None:
-        for group in optimizer.param_groups:
-            if group["is_last_layer"]:
-                for p in group["params"]:
-                    p.grad = None  # AdamW skips it: no update, no moment accumulation
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
         if gradient_clip_val is not None:
@@ -359,13 +365,30 @@ class DINOv2Module(L.LightningModule):
         apply_found_inf(optimizer, self.nonfinite.found_inf(norm))
 
     def clip_gradients_(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-        """Global-norm clipping to ``optim.clip_grad`` (0 = none); returns the norm before clipping."""
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not params:
-            return None
+        """Clip to ``optim.clip_grad`` (0 = none); returns the global gradient norm before clipping.
+
+        ``optim.clip_grad_per_module`` (DINOv2's ``for v in model.student.values(): v.clip_grad_norm_``):
+        the backbone, the DINO head and the iBOT head (once, when shared) are clipped separately, each
+        to ``clip_grad``; the returned norm is ``sqrt(sum_i norm_i ** 2)``, the global norm, for logging
+        and the non-finite guard. Otherwise one global norm is clipped. No host sync either way; under
+        FSDP2 the norms are DTensors, made whole with ``full_tensor()`` (an all-reduce).
+        """
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if self.optim.clip_grad_per_module:
+            modules = list({id(m): m for m in self.student.values()}.values())
+            chunks = [[p for p in m.parameters() if id(p) in in_optimizer] for m in modules]
+        else:
+            chunks = [[p for g in optimizer.param_groups for p in g["params"]]]
         max_norm = self.optim.clip_grad if self.optim.clip_grad > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norms = []
+        for params in chunks:
+            params = [p for p in params if p.grad is not None]
+            if params:
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+                norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if len(norms) <= 1:
+            return norms[0] if norms else None
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def manual_step(
         self,
@@ -376,8 +399,9 @@ class DINOv2Module(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """One full training step without a Trainer (benchmarks): the same pieces as the Lightning path.
 
-        Schedules at ``step`` -> teacher/student forward (under autocast if given) -> backward ->
-        last-layer freeze -> clip -> optimiser step -> EMA. Returns the detached loss terms.
+        Schedules at ``step`` (the prototype layers' lr is 0 while frozen) -> teacher/student forward
+        (under autocast if given) -> backward -> clip -> optimiser step -> EMA. Returns the detached loss
+        terms.
         """
         values = self.schedule_at(step)
         self.apply_optimizer_schedule(optimizer, values)
@@ -389,8 +413,6 @@ class DINOv2Module(L.LightningModule):
         self._pool_center_stats(teacher)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        if values.last_layer_frozen:
-            self._drop_last_layer_grads(optimizer)
         grad_norm = self.clip_gradients_(optimizer)
         found_inf = self.nonfinite.found_inf(grad_norm)
         apply_found_inf(optimizer, found_inf)
@@ -421,7 +443,7 @@ class DINOv2Module(L.LightningModule):
                 "train/weight_decay": values.weight_decay,
                 "train/momentum": values.momentum,
                 "train/teacher_temp": values.teacher_temp,
-                "train/last_layer_frozen": float(values.last_layer_frozen),
+                "train/last_layer_lr": values.last_layer_lr,
                 "train/nonfinite_steps": self.nonfinite.total_tensor(self.device),
                 "train/masked_fraction": batch["masks"].float().mean(),
             }

@@ -1,8 +1,9 @@
 """AdamW over the layer-decayed parameter groups (Loshchilov & Hutter 2019, arXiv:1711.05101).
 
-Defaults are DINOv2's (``dinov2/configs/ssl_default_config.yaml``), counted in steps: peak lr 4e-3 per
-1024 images scaled with the square-root rule, cosine to 1e-6, weight decay cosine 0.04 -> 0.4,
-layer-wise decay 0.9, patch-embed lr x0.2, gradient norm clipped to 3.
+Defaults are DINOv2's (``dinov2/configs/ssl_default_config.yaml``, ``dinov2/train/train.py``), counted in
+steps: peak lr 4e-3 per 1024 images scaled with the square-root rule, cosine to 1e-6, weight decay
+cosine 0.04 -> 0.4 (tokens included), layer-wise decay 0.9, patch-embed lr x0.2, the gradient norm of
+each student module (backbone, DINO head, iBOT head) clipped to 3 separately.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ class OptimConfig:
         beta1, beta2, eps: AdamW.
         layer_decay: layer-wise lr decay (1.0 = off).
         patch_embed_lr_mult: lr factor for the patch embedding.
-        clip_grad: max global gradient norm (0 = no clipping; the norm is logged either way).
+        token_weight_decay: weight-decay the class, register, positional and mask tokens (DINOv2,
+            which exempts only biases, norms and LayerScale gammas); False exempts the tokens (timm).
+        clip_grad: max gradient norm (0 = no clipping; the global norm is logged either way).
+        clip_grad_per_module: clip the backbone, the DINO head and the iBOT head each to ``clip_grad``
+            (DINOv2: ``clip_grad_norm_`` per student module; a shared head is one module); False clips
+            one global norm over all of them.
         fused: fused AdamW kernel; ``None`` = on CUDA only (we clip ourselves, so it combines with clipping).
     """
 
@@ -45,13 +51,17 @@ class OptimConfig:
     eps: float = 1e-8
     layer_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    token_weight_decay: bool = True
     clip_grad: float = 3.0
+    clip_grad_per_module: bool = True
     fused: bool | None = None
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, use_fused: bool) -> torch.optim.AdamW:
     """AdamW over ``param_groups(model, ...)``; ``foreach`` on CPU, ``fused`` on CUDA unless disabled."""
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.patch_embed_lr_mult)
+    groups = param_groups(
+        model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.patch_embed_lr_mult, cfg.token_weight_decay
+    )
     fused = use_fused if cfg.fused is None else cfg.fused
     optimizer = torch.optim.AdamW(
         groups,
@@ -70,7 +80,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, use_fused: bool) -> torc
 def init_state(optimizer: torch.optim.Optimizer) -> None:
     """Create every parameter's optimiser state now (zero moments, step 0) instead of at its first update.
 
-    Parameters skipped early (the frozen prototype layer, a skipped non-finite step) would otherwise
+    Parameters without a gradient in the first steps (a skipped non-finite step) would otherwise
     have no state in the first checkpoints, and loading a full optimiser state into FSDP2-sharded
     parameters (``torch.distributed.checkpoint.state_dict``) is strict about that. Done with the
     optimiser's own code: one step with zero gradients and lr 0, then ``step`` reset to 0.

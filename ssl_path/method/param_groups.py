@@ -1,24 +1,37 @@
-"""Optimiser parameter groups: layer-wise lr decay, patch-embed lr multiplier, selective weight decay.
+"""Optimiser parameter groups as DINOv2 builds them: layer-wise lr decay, patch-embed lr, weight decay.
 
-Layer ids come from the timm model's own ``group_matcher()`` (via ``timm.models.group_parameters``,
-as ``timm/optim/_param_groups.py::param_groups_layer_decay`` does), so no parameter names are matched
-by hand for the trunk. Scale for layer ``i`` of ``L`` is ``layer_decay ** (L - i)``: the embeddings
-get the smallest lr, the heads the full lr (BEiT, Bao et al. 2021; DINOv2 ``get_vit_lr_decay_rate``).
-No weight decay on biases, norms, LayerScale gammas (all 1-D) and on the tokens named by the model's
-``no_weight_decay()`` plus the mask token.
+Reference: facebookresearch/dinov2 ``dinov2/utils/param_groups.py`` (``get_vit_lr_decay_rate``,
+``get_params_groups_with_decay``), applied by ``SSLMetaArch.get_params_groups`` to each student module
+(backbone, DINO head, iBOT head) separately. With ``L`` blocks in the backbone:
 
-Each group carries ``lr_mult``, ``wd_mult`` and ``is_last_layer``; the module multiplies the scheduled
-lr / weight decay by them every step (and freezes ``is_last_layer`` groups early on).
+* lr multiplier ``layer_decay ** (L + 1 - layer_id)`` (BEiT, Bao et al. 2021), with layer id 0 for the
+  patch embedding, positional embedding, class token and mask token; ``i + 1`` for block ``i``; and
+  ``L + 1`` (multiplier 1) for everything else: the final norm, the register tokens (DINOv2 calls them
+  ``register_tokens``, a name its embedding rule does not list) and the heads. The patch embedding
+  gets ``patch_embed_lr_mult`` on top.
+* weight-decay multiplier 0 for biases, normalisation-layer parameters and LayerScale gammas (DINOv2:
+  names ending in ``.bias`` or containing ``norm`` or ``gamma``), 1 for everything else, tokens and the
+  prototype norms ``g`` included. ``token_weight_decay=False`` also exempts the tokens (timm's
+  ``no_weight_decay()``: class, register and positional embedding; plus the mask token).
+
+The trunk's block structure comes from the timm model's own ``group_matcher()`` (via
+``timm.models.group_parameters``, as ``timm/optim/_param_groups.py::param_groups_layer_decay``), minus
+timm's merge of the final norm into the last block. Each group carries ``lr_mult``, ``wd_mult`` and
+``is_last_layer``; the module sets ``lr = (last_layer_lr if is_last_layer else lr) * lr_mult`` and
+``weight_decay = weight_decay * wd_mult`` every step (DINOv2's ``apply_optim_scheduler``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from timm.layers import LayerScale, LayerScale2d, RmsNorm, SimpleNorm
 from timm.models import group_parameters
+from timm.models._manipulate import MATCH_PREV_GROUP
 from torch import nn
 
-NO_DECAY_NAMES = ("mask_token",)
+# normalisation layers whose parameters are never weight-decayed (timm's LayerNorm subclasses nn's)
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase, RmsNorm, SimpleNorm)
 
 
 def _find_trunks(model: nn.Module) -> dict[str, nn.Module]:
@@ -39,34 +52,65 @@ def _find_trunks(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """Map each parameter name to a layer id; return it and the head id (largest).
+def _unmerged(matcher: dict) -> dict:
+    """``matcher`` without timm's "merge into the previous group" entries (the ViT's final norm), so
+    those parameters fall through to the group after the blocks, as DINOv2 counts them."""
+    out = {}
+    for key, spec in matcher.items():
+        if isinstance(spec, list | tuple):
+            spec = [s for s in spec if tuple(s[1] or ()) != MATCH_PREV_GROUP]
+        out[key] = spec
+    return out
 
-    Trunk parameters use ``group_matcher(coarse=False)``: 0 for embeddings/tokens, 1..depth for the
-    blocks (timm merges the final norm into the last block). Parameters beside a trunk inside the
-    same backbone (the iBOT mask token) count as embeddings (id 0); everything else (the heads) gets
-    ``depth + 1``, so the last block runs at ``layer_decay`` times the head lr, as in DINOv2.
-    """
-    trunks = _find_trunks(model)
-    ids: dict[str, int] = {}
-    top = 0
-    for prefix, trunk in trunks.items():
-        sub = group_parameters(trunk, trunk.group_matcher(coarse=False), reverse=True)
-        top = max(top, max(sub.values(), default=0) + 1)
-        for n, i in sub.items():
-            ids[f"{prefix}.{n}" if prefix else n] = i
-    parents = {p.rsplit(".", 1)[0] for p in trunks if "." in p}
-    for name, _ in model.named_parameters():
-        if name not in ids:
-            ids[name] = 0 if any(name.startswith(p + ".") for p in parents) else top
+
+def _trunk_layer_ids(trunk: nn.Module) -> tuple[dict[str, int], int]:
+    """DINOv2 layer ids of a timm ViT's parameters and its top id ``L + 1``."""
+    ids = group_parameters(trunk, _unmerged(trunk.group_matcher(coarse=False)), reverse=True)
+    top = len(trunk.blocks) + 1
+    registers = {id(p) for p in (getattr(trunk, "reg_token", None),) if p is not None}
+    for name, p in trunk.named_parameters():
+        if id(p) in registers:
+            ids[name] = top  # DINOv2's `register_tokens` match none of its embedding names
+        else:
+            ids[name] = min(ids[name], top)  # anything after the blocks: L + 1
     return ids, top
 
 
-def _no_decay_names(model: nn.Module) -> set[str]:
-    names = set()
+def lr_multipliers(model: nn.Module, layer_decay: float, patch_embed_lr_mult: float) -> dict[str, float]:
+    """Each parameter's lr multiplier, DINOv2's ``get_vit_lr_decay_rate`` times the patch-embed factor.
+
+    Trunk parameters get ``layer_decay ** (L + 1 - layer_id)``; parameters beside a trunk in the same
+    backbone (the iBOT mask token) are embeddings (layer 0); everything else (the heads) gets 1.
+    """
+    mults: dict[str, float] = {}
+    embeddings: dict[str, float] = {}  # module holding a trunk -> the trunk's layer-0 multiplier
     for prefix, trunk in _find_trunks(model).items():
-        nwd = trunk.no_weight_decay() if hasattr(trunk, "no_weight_decay") else set()
-        names |= {f"{prefix}.{n}" if prefix else n for n in nwd}
+        ids, top = _trunk_layer_ids(trunk)
+        for n, i in ids.items():
+            mults[f"{prefix}.{n}" if prefix else n] = layer_decay ** (top - i)
+        if prefix:
+            embeddings[prefix.rpartition(".")[0]] = layer_decay**top
+    for name, _ in model.named_parameters():
+        if name not in mults:
+            beside = [m for parent, m in embeddings.items() if not parent or name.startswith(parent + ".")]
+            mults[name] = beside[0] if beside else 1.0
+        if "patch_embed" in name:
+            mults[name] *= patch_embed_lr_mult
+    return mults
+
+
+def no_weight_decay_names(model: nn.Module, token_weight_decay: bool = True) -> set[str]:
+    """Parameters without weight decay: biases, normalisation layers, LayerScale gammas (DINOv2's rule);
+    with ``token_weight_decay=False`` also every ``no_weight_decay()`` name (timm: the tokens; our
+    ``Backbone``: the mask token too)."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for p_name, _ in mod.named_parameters(recurse=False):
+            if p_name == "bias" or isinstance(mod, NORM_TYPES + (LayerScale, LayerScale2d)):
+                names.add(prefix + p_name)
+        if not token_weight_decay and callable(getattr(mod, "no_weight_decay", None)):
+            names |= {prefix + n for n in mod.no_weight_decay()}
     return names
 
 
@@ -76,6 +120,7 @@ def param_groups(
     weight_decay: float,
     layer_decay: float,
     patch_embed_lr_mult: float,
+    token_weight_decay: bool = True,
 ) -> list[dict[str, Any]]:
     """Group ``model``'s trainable parameters by (lr multiplier, wd multiplier, last layer).
 
@@ -84,24 +129,21 @@ def param_groups(
         lr, weight_decay: initial values (the module rescales them each step from the schedules).
         layer_decay: per-layer lr factor (1.0 disables layer-wise decay).
         patch_embed_lr_mult: extra lr factor for the patch embedding (DINOv2 uses 0.2).
+        token_weight_decay: weight-decay the class, register, positional and mask tokens (DINOv2);
+            False exempts them (timm's ``no_weight_decay()``).
 
     Returns:
         torch.optim param-group dicts with ``params``, ``lr``, ``weight_decay``, ``lr_mult``, ``wd_mult``,
-        ``is_last_layer`` and a readable ``name``.
+        ``is_last_layer`` (the prototype layers, ``last_layer`` in the name: ``v`` and ``g``), the
+        ``param_names`` and a readable ``name``.
     """
-    ids, top = layer_ids(model)
-    no_decay = _no_decay_names(model)
+    lr_mults = lr_multipliers(model, layer_decay, patch_embed_lr_mult)
+    no_decay = no_weight_decay_names(model, token_weight_decay)
     groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr_mult = layer_decay ** (top - ids[name])
-        if "patch_embed" in name:
-            lr_mult *= patch_embed_lr_mult
-        skip_wd = p.ndim <= 1 or name.endswith(".bias") or name in no_decay
-        skip_wd = skip_wd or any(name.endswith(n) for n in NO_DECAY_NAMES)
-        wd_mult = 0.0 if skip_wd else 1.0
-        is_last = "last_layer" in name
+        lr_mult, wd_mult, is_last = lr_mults[name], 0.0 if name in no_decay else 1.0, "last_layer" in name
         key = (lr_mult, wd_mult, is_last)
         if key not in groups:
             groups[key] = {

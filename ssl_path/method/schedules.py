@@ -1,12 +1,20 @@
 """Training schedules as pure functions of the optimiser step.
 
-Every value that changes during training (learning rate, weight decay, teacher EMA momentum,
-teacher temperature, last-layer freeze) is recomputed from the global step each step, so a resumed
+Every value that changes during training (learning rate, last-layer learning rate, weight decay,
+teacher EMA momentum, teacher temperature) is recomputed from the global step each step, so a resumed
 run needs nothing but the step to continue exactly (no scheduler object lives only in memory).
 
-The shapes follow DINOv2 (Oquab et al., 2023, arXiv:2304.07193; reference implementation
-``dinov2/train/train.py::build_schedulers`` and ``dinov2/utils/utils.py::CosineScheduler``), but are
-counted in optimiser steps, never in (pseudo-)epochs.
+The values are DINOv2's (Oquab et al., 2023, arXiv:2304.07193), step for step: reference
+implementation ``dinov2/utils/utils.py::CosineScheduler`` (a precomputed array) and
+``dinov2/train/train.py::build_schedulers``, here evaluated at one step instead of stored, and counted
+in optimiser steps, never in (pseudo-)epochs. ``CosineScheduler(base, final, total, warmup, start)``
+is, at step ``t``::
+
+    t >= total:  final
+    t <  warmup: np.linspace(start, base, warmup)[t]      # reaches base at t = warmup - 1
+    otherwise:   final + 0.5 * (base - final) * (1 + cos(pi * (t - warmup) / (total - warmup)))
+
+so the cosine starts at ``base`` at step ``warmup`` (the peak is held for two steps).
 """
 
 from __future__ import annotations
@@ -32,47 +40,59 @@ def scale_lr(base_lr: float, batch_size: int, reference_batch_size: int = 1024, 
     raise ValueError(f"unknown lr scaling rule {rule!r}; expected 'sqrt', 'linear' or 'none'")
 
 
-def cosine(step: int, start: float, end: float, total_steps: int) -> float:
-    """Half-cosine from ``start`` (step 0) to ``end`` (step ``total_steps``), constant ``end`` after."""
-    if total_steps <= 0 or step >= total_steps:
-        return end
-    progress = max(step, 0) / total_steps
-    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+def linspace_at(i: int, start: float, end: float, n: int) -> float:
+    """``np.linspace(start, end, n)[i]`` for ``0 <= i < n``, with numpy's arithmetic.
 
-
-def warmup_cosine(
-    step: int, peak: float, final: float, total_steps: int, warmup_steps: int, start: float = 0.0
-) -> float:
-    """Linear warmup from ``start`` to ``peak`` over ``warmup_steps``, then cosine to ``final``.
-
-    Step ``warmup_steps`` is exactly ``peak``; step ``total_steps`` and later are ``final``.
+    numpy computes ``i * ((end - start) / (n - 1)) + start`` and sets the last entry to ``end``; a
+    single point is ``start``.
     """
-    if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
-    return cosine(step - warmup_steps, peak, final, total_steps - warmup_steps)
-
-
-def linear_warmup(step: int, start: float, end: float, warmup_steps: int) -> float:
-    """Linear ramp from ``start`` to ``end`` over ``warmup_steps``, constant ``end`` after."""
-    if warmup_steps <= 0 or step >= warmup_steps:
+    if n == 1:
+        return start
+    if i == n - 1:
         return end
-    return start + (end - start) * max(step, 0) / warmup_steps
+    return i * ((end - start) / (n - 1)) + start
 
 
-def last_layer_frozen(step: int, freeze_steps: int) -> bool:
-    """DINO freezes the prototype layer for the first steps (it stabilises early training)."""
-    return step < freeze_steps
+def cosine_schedule(
+    step: int, base: float, final: float, total_steps: int, warmup_steps: int = 0, start_warmup: float = 0.0
+) -> float:
+    """``dinov2.utils.utils.CosineScheduler(base, final, total_steps, warmup_steps, start_warmup)[step]``.
+
+    Linear warmup ``np.linspace(start_warmup, base, warmup_steps)`` (``base`` at step
+    ``warmup_steps - 1``), then a half cosine from ``base`` (step ``warmup_steps``) over the remaining
+    ``total_steps - warmup_steps`` steps towards ``final``; ``final`` from step ``total_steps`` on.
+
+    Args:
+        step: optimiser step, >= 0.
+        base: peak value (end of the warmup, start of the cosine).
+        final: value the cosine heads for, and the value from ``total_steps`` on.
+        total_steps: schedule length.
+        warmup_steps: warmup length (0: no warmup).
+        start_warmup: value at step 0 of the warmup.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step >= total_steps:
+        return final
+    if step < warmup_steps:
+        return linspace_at(step, start_warmup, base, warmup_steps)
+    progress = math.pi * (step - warmup_steps) / (total_steps - warmup_steps)  # numpy's order of operations
+    return final + 0.5 * (base - final) * (1 + math.cos(progress))
 
 
 @dataclass(frozen=True)
 class ScheduleValues:
-    """Everything scheduled, at one step."""
+    """Everything scheduled, at one step.
+
+    ``last_layer_lr`` is the lr of the prototype layers (``is_last_layer`` parameter groups): 0 while
+    they are frozen, ``lr`` after (DINOv2's ``last_layer_lr_schedule``).
+    """
 
     lr: float
+    last_layer_lr: float
     weight_decay: float
     momentum: float
     teacher_temp: float
-    last_layer_frozen: bool
 
 
 @dataclass(frozen=True)
@@ -82,12 +102,16 @@ class Schedules:
     Args:
         lr: peak learning rate *after* batch-size scaling (see ``scale_lr``).
         min_lr: final learning rate of the cosine.
-        warmup_steps: linear lr warmup length.
+        warmup_steps: linear lr warmup length (from 0).
         total_steps: schedule length (normally ``trainer.max_steps``).
-        weight_decay, weight_decay_end: cosine from the first to the second.
+        weight_decay, weight_decay_end: cosine from the first to the second over ``total_steps``.
         momentum, momentum_end: teacher EMA momentum, cosine from the first to the second (1.0).
-        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps: linear teacher temperature warmup.
-        freeze_last_layer_steps: steps during which the prototype layer is not updated.
+        teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps: linear teacher temperature warmup
+            (``np.linspace(teacher_temp_warmup, teacher_temp, teacher_temp_warmup_steps)``), then constant.
+        freeze_last_layer_steps: steps during which the prototype layer's lr is 0. Its gradients still
+            feed AdamW's moments and step count, as in DINOv2, whose ``last_layer_lr_schedule`` is the lr
+            schedule with ``schedule[:freeze_last_layer_steps] = 0`` (values past ``total_steps`` are
+            ``min_lr`` there, whatever the freeze).
     """
 
     lr: float
@@ -104,12 +128,19 @@ class Schedules:
     freeze_last_layer_steps: int
 
     def at(self, step: int) -> ScheduleValues:
+        lr = cosine_schedule(step, self.lr, self.min_lr, self.total_steps, self.warmup_steps)
+        frozen = step < self.freeze_last_layer_steps and step < self.total_steps
         return ScheduleValues(
-            lr=warmup_cosine(step, self.lr, self.min_lr, self.total_steps, self.warmup_steps),
-            weight_decay=cosine(step, self.weight_decay, self.weight_decay_end, self.total_steps),
-            momentum=cosine(step, self.momentum, self.momentum_end, self.total_steps),
-            teacher_temp=linear_warmup(
-                step, self.teacher_temp_warmup, self.teacher_temp, self.teacher_temp_warmup_steps
+            lr=lr,
+            last_layer_lr=0.0 if frozen else lr,
+            weight_decay=cosine_schedule(step, self.weight_decay, self.weight_decay_end, self.total_steps),
+            momentum=cosine_schedule(step, self.momentum, self.momentum_end, self.total_steps),
+            teacher_temp=cosine_schedule(
+                step,
+                self.teacher_temp,
+                self.teacher_temp,
+                self.teacher_temp_warmup_steps,
+                self.teacher_temp_warmup_steps,
+                self.teacher_temp_warmup,
             ),
-            last_layer_frozen=last_layer_frozen(step, self.freeze_last_layer_steps),
         )

@@ -21,8 +21,12 @@ __all__ = ["DINOHead"]
 class DINOHead(nn.Module):
     """MLP (GELU) -> L2-normalised bottleneck -> weight-normalised prototypes.
 
-    The prototype layer's norm ``g`` is fixed to 1 (DINO's ``norm_last_layer=True``), so logits are
-    cosine similarities between the bottleneck and each prototype; the temperatures set the scale.
+    The prototype layer is ``weight_norm``-ed: ``W_k = g_k * v_k / ||v_k||`` with the norms ``g``
+    initialised to 1, so logits start as cosine similarities between the bottleneck and each prototype.
+    As in DINOv2 (``dinov2/layers/dino_head.py`` fills ``weight_g`` with 1 and leaves it trainable),
+    ``g`` is trained by default, and it belongs to the prototype layer's parameter group (frozen with
+    it early on, weight-decayed like it). ``freeze_prototype_norm=True`` keeps ``g = 1`` for good
+    (DINO's ``norm_last_layer=True``): logits stay cosines and the temperatures alone set the scale.
 
     Args:
         in_dim: backbone embedding size D.
@@ -30,6 +34,7 @@ class DINOHead(nn.Module):
         hidden_dim: MLP width.
         bottleneck_dim: size of the normalised bottleneck.
         nlayers: MLP linear layers (1 = a single projection to the bottleneck).
+        freeze_prototype_norm: keep the prototype norms ``g`` fixed at 1 (not a trainable parameter).
 
     Shapes: ``(..., D) -> (..., K)``.
     """
@@ -41,6 +46,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        freeze_prototype_norm: bool = False,
     ) -> None:
         super().__init__()
         if nlayers < 1:
@@ -53,7 +59,8 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        self.last_layer.parametrizations.weight.original0.requires_grad_(False)  # g is fixed to 1
+        if freeze_prototype_norm:
+            self.last_layer.parametrizations.weight.original0.requires_grad_(False)  # g stays 1
         self.init_weights()
 
     @torch.no_grad()

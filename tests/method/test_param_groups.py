@@ -46,40 +46,75 @@ def test_layer_decay_and_patch_embed(student):
     assert groups["backbone.vit.patch_embed.proj.weight"]["lr_mult"] == pytest.approx(
         0.2 * 0.5 ** (depth + 1)
     )
-    assert groups["backbone.vit.norm.weight"]["lr_mult"] == pytest.approx(0.5)  # timm: with the last block
+    # DINOv2's get_vit_lr_decay_rate: the final norm is layer depth+1 (timm would merge it into the last
+    # block), and `register_tokens` match none of its embedding names, so they are at depth+1 too
+    assert groups["backbone.vit.norm.weight"]["lr_mult"] == 1.0
+    assert groups["backbone.vit.reg_token"]["lr_mult"] == 1.0
 
 
-def test_no_weight_decay_on_bias_norm_layerscale_tokens(student):
+NO_DECAY = [
+    "backbone.vit.blocks.0.attn.qkv.bias",
+    "backbone.vit.blocks.0.norm1.weight",
+    "backbone.vit.blocks.0.ls1.gamma",
+    "backbone.vit.norm.bias",
+    "dino_head.mlp.0.bias",
+]
+TOKENS = ["backbone.vit.cls_token", "backbone.vit.reg_token", "backbone.vit.pos_embed", "backbone.mask_token"]
+DECAY = [
+    "backbone.vit.blocks.0.attn.qkv.weight",
+    "backbone.vit.patch_embed.proj.weight",
+    "dino_head.mlp.0.weight",
+    "dino_head.last_layer.parametrizations.weight.original0",  # the prototype norms g (DINOv2: weight_g)
+]
+
+
+def test_weight_decay_dinov2_decays_tokens(student):
+    """DINOv2 exempts only names with bias / norm / gamma: the tokens are weight-decayed."""
     groups = _by_name(
         param_groups(student, lr=1.0, weight_decay=0.1, layer_decay=1.0, patch_embed_lr_mult=1.0)
     )
-    no_decay = [
-        "backbone.vit.blocks.0.attn.qkv.bias",
-        "backbone.vit.blocks.0.norm1.weight",
-        "backbone.vit.blocks.0.ls1.gamma",
-        "backbone.vit.cls_token",
-        "backbone.vit.reg_token",
-        "backbone.vit.pos_embed",
-        "backbone.mask_token",
-        "dino_head.mlp.0.bias",
-    ]
-    for name in no_decay:
+    for name in NO_DECAY:
         assert groups[name]["wd_mult"] == 0.0, name
-    for name in [
-        "backbone.vit.blocks.0.attn.qkv.weight",
-        "backbone.vit.patch_embed.proj.weight",
-        "dino_head.mlp.0.weight",
-    ]:
+    for name in DECAY + TOKENS:
         assert groups[name]["wd_mult"] == 1.0 and groups[name]["weight_decay"] == pytest.approx(0.1), name
 
 
-def test_last_layer_flag_and_frozen_norm_excluded(student):
+def test_token_weight_decay_off_exempts_the_tokens(student):
+    groups = _by_name(
+        param_groups(
+            student,
+            lr=1.0,
+            weight_decay=0.1,
+            layer_decay=1.0,
+            patch_embed_lr_mult=1.0,
+            token_weight_decay=False,
+        )
+    )
+    for name in NO_DECAY + TOKENS:
+        assert groups[name]["wd_mult"] == 0.0, name
+    for name in DECAY:
+        assert groups[name]["wd_mult"] == 1.0, name
+
+
+def test_last_layer_flag_covers_both_weight_norm_tensors(student):
     groups = param_groups(student, lr=1.0, weight_decay=0.1, layer_decay=0.9, patch_embed_lr_mult=0.2)
     last = [n for g in groups if g["is_last_layer"] for n in g["param_names"]]
     assert sorted(last) == [
-        "dino_head.last_layer.parametrizations.weight.original1",
-        "ibot_head.last_layer.parametrizations.weight.original1",
-    ]  # original0 (the weight-norm g) is frozen at 1 and not optimised
+        f"{head}.last_layer.parametrizations.weight.original{i}"
+        for head in ("dino_head", "ibot_head")
+        for i in (0, 1)
+    ]  # direction v and norm g: DINOv2's last_layer.weight_v / weight_g, frozen (lr 0) together
+
+
+def test_frozen_prototype_norm_is_left_out():
+    torch.manual_seed(0)
+    bb = create_backbone("vit_tiny", img_size=32, reg_tokens=0)
+    head = DINOHead(
+        bb.embed_dim, out_dim=16, hidden_dim=16, bottleneck_dim=8, nlayers=2, freeze_prototype_norm=True
+    )
+    groups = param_groups(nn.ModuleDict({"backbone": bb, "dino_head": head}), 1.0, 0.1, 0.9, 0.2)
+    last = [n for g in groups if g["is_last_layer"] for n in g["param_names"]]
+    assert last == ["dino_head.last_layer.parametrizations.weight.original1"]  # g fixed at 1, not optimised
 
 
 def test_optimizer_foreach_on_cpu(student):

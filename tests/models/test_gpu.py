@@ -39,7 +39,7 @@ def test_bf16_student_step_with_all_losses():
             patch_targets = sinkhorn_knopp(patch_logits.detach(), 0.04)
         loss = (
             dino_loss(logits, targets, 0.1)
-            + ibot_patch_loss(patch_logits, patch_targets, ibot_mask_weights(masks), 0.1)
+            + ibot_patch_loss(patch_logits, patch_targets, ibot_mask_weights(masks), 0.1, n_images=n_g * b)
             + 0.1 * sum(koleo_loss(c) for c in out_g["cls"].chunk(n_g))
             + 0.1 * kde_loss(out_g["cls"], 0.5)
         )

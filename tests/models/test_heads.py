@@ -1,4 +1,4 @@
-"""DINOHead: shapes, cosine logits from the fixed-norm prototypes, init and gradients."""
+"""DINOHead: shapes, cosine logits from the unit-norm prototypes at init, init, gradients, the norm switch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_head_shapes_and_cosine_logits():
     x = torch.randn(5, 32)
     logits = head(x)
     assert logits.shape == (5, 100)
-    # g fixed to 1: each prototype has unit norm, the bottleneck is unit norm -> logits are cosines
+    # g initialised to 1: each prototype has unit norm, the bottleneck is unit norm -> logits are cosines
     w = head.last_layer.weight
     torch.testing.assert_close(w.norm(dim=1), torch.ones(100))
     assert logits.abs().max() <= 1.0 + 1e-5
@@ -25,14 +25,25 @@ def test_head_parameters_init_and_gradients():
     torch.manual_seed(0)
     head = DINOHead(in_dim=256, out_dim=50, hidden_dim=512, bottleneck_dim=32)
     g = head.last_layer.parametrizations.weight.original0
-    assert not g.requires_grad and torch.all(g == 1)
+    assert g.requires_grad and torch.all(g == 1)  # DINOv2: weight_g filled with 1, trainable
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 3 and all(torch.all(m.bias == 0) for m in linears)
     assert linears[1].weight.std().item() == pytest.approx(0.02, rel=0.05)
     head(torch.randn(4, 256)).logsumexp(-1).sum().backward()
     trainable = [p for p in head.parameters() if p.requires_grad]
-    assert len(trainable) == 7 and all(p.grad is not None for p in trainable)
+    assert len(trainable) == 8 and all(p.grad is not None for p in trainable)  # 3 x (W, b), v, g
     assert head.flops_per_token() == 2 * (256 * 512 + 512 * 512 + 512 * 32 + 32 * 50)
+
+
+def test_frozen_prototype_norm_keeps_cosine_logits():
+    """freeze_prototype_norm=True (DINO's norm_last_layer): g stays 1 and gets no gradient."""
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=16, out_dim=20, hidden_dim=32, bottleneck_dim=8, freeze_prototype_norm=True)
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.all(g == 1)
+    head(torch.randn(4, 16)).logsumexp(-1).sum().backward()
+    assert g.grad is None and head.last_layer.parametrizations.weight.original1.grad is not None
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(20))
 
 
 def test_single_layer_head_and_bad_depth():
