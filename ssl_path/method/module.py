@@ -30,6 +30,7 @@ from torch import nn
 from ssl_path import losses as L_
 from ssl_path.data.masking import mask_indices
 from ssl_path.method.ema import ema_update
+from ssl_path.method.health import PlateauMonitor, health_metrics
 from ssl_path.method.nonfinite import NonFiniteGuard, apply_found_inf, clear_found_inf
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.parallel import parallelize
@@ -79,6 +80,10 @@ class DINOv2Module(L.LightningModule):
         compile_options: keyword arguments of ``nn.Module.compile`` for the blocks (e.g. ``mode``,
             ``backend``); ``dynamic`` defaults to False (one static graph per crop shape).
         seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
+        plateau_tolerance, plateau_after_steps: warn once (``log.warning``, rank 0) when, on a logging
+            step ``>= plateau_after_steps``, the DINO loss is within ``plateau_tolerance`` nats of
+            ``ln K`` (uniform collapse; ``method/health.py``); tolerance 0 disables. Not checkpointed:
+            a resumed run may warn once more. The ``health/*`` metrics are logged either way.
     """
 
     def __init__(
@@ -110,6 +115,8 @@ class DINOv2Module(L.LightningModule):
         pack_crops: bool = True,
         activation_checkpointing: bool = False,
         seed: int = 0,
+        plateau_tolerance: float = 0.02,
+        plateau_after_steps: int = 200,
     ) -> None:
         super().__init__()
         if centering not in CENTERINGS:
@@ -142,6 +149,7 @@ class DINOv2Module(L.LightningModule):
         self.pack_crops = pack_crops
         self.activation_checkpointing = activation_checkpointing
         self.seed = seed
+        self.plateau = PlateauMonitor(plateau_tolerance, plateau_after_steps)
         self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
         self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
         self.teacher.load_state_dict(self.student.state_dict())
@@ -217,7 +225,8 @@ class DINOv2Module(L.LightningModule):
     # ------------------------------------------------------------------ forward pieces
     @torch.no_grad()
     def teacher_output(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
-        """Teacher targets: ``cls_probs`` (n_g, B, K), ``ibot_probs`` (M, K); raw logits for centring."""
+        """Teacher targets: ``cls_probs`` (n_g, B, K), ``ibot_probs`` (M, K); raw logits for centring;
+        the backbone's global-crop CLS tokens ``cls`` (n_g*B, D) for the health metrics."""
         crops = batch["global_crops"]  # (n_g*B, 3, G, G)
         n_g = int(batch["n_global_crops"])
         out = self.teacher["backbone"](crops)  # cls (n_g*B, D), patch (n_g*B, N, D)
@@ -234,6 +243,7 @@ class DINOv2Module(L.LightningModule):
             "ibot_probs": ibot_probs,  # (M, K)
             "cls_logits": cls_logits,  # (n_g*B, K)
             "ibot_logits": ibot_logits,  # (M, K)
+            "cls": out["cls"],  # (n_g*B, D)
         }
 
     def student_output(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -321,7 +331,7 @@ class DINOv2Module(L.LightningModule):
         self.nonfinite.observe(losses)
         self._logging_step = self._logs_this_step()
         if self._logging_step:
-            self._log_step(losses, values, batch)
+            self._log_step(losses, values, batch, teacher, student)
         self._pool_center_stats(teacher)  # applied once per optimiser step, in optimizer_step
         return losses["total"]
 
@@ -435,8 +445,17 @@ class DINOv2Module(L.LightningModule):
         self._stepped = True
 
     # ------------------------------------------------------------------ logging
-    def _log_step(self, losses: dict[str, torch.Tensor], values: ScheduleValues, batch: dict) -> None:
+    def _log_step(
+        self,
+        losses: dict[str, torch.Tensor],
+        values: ScheduleValues,
+        batch: dict,
+        teacher: dict[str, torch.Tensor],
+        student: dict[str, torch.Tensor],
+    ) -> None:
         metrics: dict[str, Any] = {f"loss/{k}": v.detach() for k, v in losses.items()}
+        health = health_metrics(teacher, student, self.student_temp, dino=losses.get("dino"))
+        metrics.update(health)
         metrics.update(
             {
                 "train/lr": values.lr,
@@ -453,6 +472,21 @@ class DINOv2Module(L.LightningModule):
                 metrics[f"data/{key}"] = float(value)
         # no prog_bar metric: Lightning reads those at every batch end (method/progress.py shows the loss)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.batch_size)
+        if "dino" in losses:
+            self._check_plateau(losses["dino"], health)
+
+    def _check_plateau(self, dino: torch.Tensor, health: dict[str, torch.Tensor]) -> None:
+        """Warn once if the DINO loss sits at ln K. Called on logging steps only; reads the device
+        (one copy of three numbers) only while the monitor could still warn."""
+        if not self.plateau.active(self.global_step):
+            return
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        keys = ("health/log_k", "health/teacher_entropy")
+        dino_loss, lk, entropy = torch.stack([dino.detach().float(), *(health[k] for k in keys)]).tolist()
+        message = self.plateau.update(self.global_step, dino_loss, lk, teacher_entropy=entropy)
+        if message is not None:
+            log.warning(message)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         if (
