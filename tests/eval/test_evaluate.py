@@ -79,13 +79,21 @@ def _recompute(ds: Path, model: str, per_split: list[dict]) -> dict[tuple[str, s
     chosen_c = {
         r["group"]: float(r["C"]) for r in per_split if r["model"] == model and r["probe"] == "linear"
     }
+    recorded_k = {
+        (r["probe"], r["group"]): int(r["k"])
+        for r in per_split
+        if r["model"] == model and r["probe"].startswith("knn")
+    }
     out = {}
     for s in info["splits"]:
         tr, te = np.array(s["train"]), np.array(s["test"])
         preds = {}
         for k in (10, 20):
+            # neighbours capped at the smallest training class (probes.knn_cap_k, on by default)
+            used = min(k, int(np.bincount(y[tr]).min()))
+            assert recorded_k[(f"knn{k}", s["group"])] == used
             knn = KNeighborsClassifier(
-                k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07)
+                used, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07)
             )
             preds[f"knn{k}"] = knn.fit(x[tr], y[tr]).predict(x[te])
         lin = make_pipeline(StandardScaler(), LogisticRegression(C=chosen_c[s["group"]], max_iter=1000))
