@@ -1,7 +1,8 @@
-"""Run a benchmark script as its users do (a subprocess in a temp dir) and read its JSON lines."""
+"""Run a script as its users do (a subprocess in a temp dir) and read its JSON lines, or import it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,3 +16,11 @@ def run_bench(script: Path, cwd: Path, *args: str) -> tuple[subprocess.Completed
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def load_script(script: Path):
+    """Import ``scripts/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,14 +5,13 @@ source build), so it is a benchmark run by hand (docs/benchmarks.md), not a CI t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.scripts.bench_cli import run_bench
+from tests.scripts.bench_cli import load_script, run_bench
 
 SCRIPT = REPO_ROOT / "scripts" / "bench_tiling.py"
 
@@ -25,13 +24,6 @@ def _run(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     assert len(rows) == 1
     assert rows[0] == json.loads(out.read_text().strip())
     return proc, rows[0]
-
-
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_tiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_tiling_skips_histolab_without_its_interpreter(tmp_path, slides_dir):
@@ -50,7 +42,7 @@ def test_bench_tiling_skips_histolab_without_its_interpreter(tmp_path, slides_di
 
 
 def test_histolab_level_matches_the_target_mpp(slides_dir):
-    bench = _bench_module()
+    bench = load_script(SCRIPT)
     cmu, tcga = slides_dir / "CMU-1-Small-Region.svs", slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
     level, mpp = bench.histolab_level(cmu, bench.TilingConfig(target_mpps=[0.5]))
     assert level == 0 and mpp == pytest.approx(0.499)

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 
 from tests.conftest import REPO_ROOT
+from tests.scripts.bench_cli import load_script
 
 SCRIPT = REPO_ROOT / "scripts" / "plot_learning.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("plot_learning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path, rows):
@@ -42,7 +35,7 @@ def test_reads_every_version_in_step_order_and_writes_a_png(tmp_path):
             {"step": 30, "eval/kather/knn20_balanced_accuracy": 0.55},
         ],
     )
-    plot = _module()
+    plot = load_script(SCRIPT)
     series = plot.read_metrics(run)
     assert series["loss/dino"] == [(9, 5.6), (19, 5.3), (29, 5.1)]
     assert series["eval/kather/knn20_balanced_accuracy"] == [(30, 0.55)]
