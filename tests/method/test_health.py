@@ -20,7 +20,7 @@ from ssl_path.method.health import (
     teacher_max_prob,
 )
 from tests.method.test_sync_free import SyncRecorder
-from tests.method.tiny import tiny_module
+from tests.method.tiny import cpu_trainer, tiny_module
 
 K = 16
 HEALTH_KEYS = {
@@ -105,16 +105,7 @@ def test_plateau_monitor_zero_tolerance_disables():
 
 def _fit(module, steps: int) -> L.Trainer:
     batches = [synthetic_batch(2, 2, 2, 32, 16, patch_size=16, seed=i) for i in range(steps)]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
+    trainer = cpu_trainer(steps, log_every_n_steps=1)
     trainer.fit(module, DataLoader(batches, batch_size=None, collate_fn=lambda x: x))
     return trainer
 

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_path.method import DINOv2Module, NonFiniteLossError, OptimConfig, synthetic_batch
-from tests.method.tiny import tiny_module
+from tests.method.tiny import cpu_trainer, tiny_module
 
 B = 2
 
@@ -35,20 +35,6 @@ def _loader(n: int, poison: set[int] = frozenset()) -> DataLoader:
     return DataLoader(batches, batch_size=None, collate_fn=lambda x: x)
 
 
-def _trainer(max_steps: int, devices: int = 1, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        max_steps=max_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
-
-
 class _Recorder(L.Callback):
     """Student parameters after every optimiser step, to recompute the EMA by hand."""
 
@@ -65,7 +51,7 @@ def test_teacher_is_exact_ema_once_per_optimizer_step_with_accumulation():
     teacher0 = {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
     last0 = module.student["dino_head"].last_layer.parametrizations.weight.original1.detach().clone()
     rec = _Recorder()
-    _trainer(3, accumulate_grad_batches=2, callbacks=[rec]).fit(module, _loader(6))
+    cpu_trainer(3, accumulate_grad_batches=2, callbacks=[rec]).fit(module, _loader(6))
     assert len(rec.students) == 3  # 6 micro-batches, 3 optimiser steps
     expected = teacher0
     for s in rec.students:
@@ -81,7 +67,7 @@ def test_teacher_is_exact_ema_once_per_optimizer_step_with_accumulation():
 
 def test_schedules_reach_optimizer_and_logs():
     module = _module()
-    trainer = _trainer(2)
+    trainer = cpu_trainer(2)
     trainer.fit(module, _loader(2))
     metrics = trainer.callback_metrics
     for key in [
@@ -112,7 +98,7 @@ def test_schedules_reach_optimizer_and_logs():
 
 def test_nonfinite_steps_are_skipped_then_raise():
     module = _module(max_nonfinite_steps=2)
-    trainer = _trainer(3)
+    trainer = cpu_trainer(3)
     student_before = copy.deepcopy(module.student.state_dict())
     trainer.fit(module, _loader(3, poison={0}))
     assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
@@ -121,14 +107,14 @@ def test_nonfinite_steps_are_skipped_then_raise():
 
     module = _module(max_nonfinite_steps=2)
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 consecutive steps.*max_nonfinite_steps=2"):
-        _trainer(4).fit(module, _loader(4, poison={1, 2}))
+        cpu_trainer(4).fit(module, _loader(4, poison={1, 2}))
 
 
 def test_skipped_step_leaves_weights_untouched():
     module = _module()
     before_s = copy.deepcopy(module.student.state_dict())
     before_t = copy.deepcopy(module.teacher.state_dict())
-    _trainer(1).fit(module, _loader(1, poison={0}))
+    cpu_trainer(1).fit(module, _loader(1, poison={0}))
     assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in before_s.items())
     assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in before_t.items())
 
@@ -185,7 +171,7 @@ def _ddp_worker(rank: int, dirpath, port: int) -> None:
     torch.set_num_threads(1)
     module = _module(max_nonfinite_steps=3)
     loader = DataLoader(_RankPoisonedStream(), batch_size=None, collate_fn=lambda x: x)
-    _trainer(3, strategy="ddp", devices=2, callbacks=[_DumpRanks(dirpath)]).fit(module, loader)
+    cpu_trainer(3, strategy="ddp", devices=2, callbacks=[_DumpRanks(dirpath)]).fit(module, loader)
 
 
 @pytest.mark.slow
@@ -219,7 +205,7 @@ def test_throughput_counts_whole_optimizer_steps_with_accumulation(monkeypatch):
     clock = _Clock()
     monkeypatch.setattr(mod.time, "perf_counter", lambda: clock.now)
     module = _module()
-    trainer = _trainer(3, accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[clock])
+    trainer = cpu_trainer(3, accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[clock])
     trainer.fit(module, _loader(6))
     # 2 micro-batches of B images per optimiser step, 20 s per step
     assert float(trainer.callback_metrics["perf/images_per_s"]) == pytest.approx(2 * B / 20)
@@ -228,12 +214,12 @@ def test_throughput_counts_whole_optimizer_steps_with_accumulation(monkeypatch):
 def test_softmax_centre_moves_once_per_step_and_not_on_a_skipped_one():
     """The centre pools an optimiser step's micro-batches; one bad micro-batch drops the whole step."""
     module = _module(centering="softmax")
-    _trainer(1, accumulate_grad_batches=2).fit(module, _loader(2, poison={1}))
+    cpu_trainer(1, accumulate_grad_batches=2).fit(module, _loader(2, poison={1}))
     assert module.nonfinite_total == 1
     assert torch.equal(module.dino_center.center, torch.zeros_like(module.dino_center.center))
 
     module = _module(centering="softmax")
-    _trainer(1, accumulate_grad_batches=2).fit(module, _loader(2))
+    cpu_trainer(1, accumulate_grad_batches=2).fit(module, _loader(2))
     # one EMA step with the mean over both micro-batches' teacher logits
     batches = [b for b in _loader(2)]
     with torch.no_grad():

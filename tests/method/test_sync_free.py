@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from ssl_path.method import DINOv2Module, synthetic_batch
-from tests.method.tiny import tiny_module
+from tests.method.tiny import cpu_trainer, tiny_module
 
 aten = torch.ops.aten
 # ops whose result the host must read: a device->host copy, or an output size that depends on data
@@ -129,17 +129,7 @@ def test_lightning_steps_are_sync_free_between_logging_steps():
     module = _module(max_nonfinite_steps=2, plateau_after_steps=0)  # the plateau check reads on logging steps
     rec = _RecordSyncs()
     batches = [_batch(i, poison=(i == 2)) for i in range(6)]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=4,
-        callbacks=[rec],
-    )
+    trainer = cpu_trainer(6, log_every_n_steps=4, callbacks=[rec])
     trainer.fit(module, DataLoader(batches, batch_size=None, collate_fn=lambda x: x))
     assert len(rec.per_step) == 6
     # Lightning writes step metrics when (step + 1) % 4 == 0; the module also logs the first and the

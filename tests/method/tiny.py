@@ -1,9 +1,11 @@
-"""The small DINOv2Module the method tests share: vit_tiny at 32 px with 2-layer 32-prototype heads."""
+"""The small DINOv2Module the method tests share (vit_tiny at 32 px, 2-layer 32-prototype heads) and a quiet
+CPU Trainer to fit it with."""
 
 from __future__ import annotations
 
 import functools
 
+import lightning as L
 import torch
 
 from ssl_path.method import DINOv2Module, OptimConfig
@@ -24,3 +26,18 @@ def tiny_module(backbone_kwargs: dict | None = None, **overrides) -> DINOv2Modul
     )
     kwargs.update(overrides)
     return DINOv2Module(**kwargs)
+
+
+def cpu_trainer(max_steps: int, devices: int = 1, **kw) -> L.Trainer:
+    """A step-counted CPU Trainer with no logger, checkpoints, progress bar or summary."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )

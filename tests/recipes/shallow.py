@@ -10,6 +10,7 @@ registers and LayerScale stay the recipe's. Usable as a hydra target from the CL
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 from unittest import mock
 
 from ssl_path.models import vit
@@ -28,35 +29,12 @@ def preset_arch(name: str) -> dict:
     return seen
 
 
-def shallow_backbone(
-    name: str,
-    depth: int,
-    img_size: int = 224,
-    drop_path_rate: float = 0.0,
-    drop_path_uniform: bool = False,
-    drop_path_subset: bool = True,
-    reg_tokens: int = 4,
-    init_values: float | None = 1e-5,
-    swiglu: bool | None = None,
-    no_embed_class: bool = True,
-    pretrained_path: str | None = None,
-) -> Backbone:
-    """``ssl_path.models.create_backbone(name, ...)`` with the preset's ``depth`` replaced."""
+def shallow_backbone(name: str, depth: int, **kwargs: Any) -> Backbone:
+    """``ssl_path.models.create_backbone(name, **kwargs)`` with the preset's ``depth`` replaced."""
     create = vit._create_backbone
 
     def with_depth(arch: Mapping, opts: BackboneOptions) -> Backbone:
         return create({**arch, "depth": depth}, opts)
 
     with mock.patch.object(vit, "_create_backbone", with_depth):
-        return vit.create_backbone(
-            name,
-            img_size=img_size,
-            drop_path_rate=drop_path_rate,
-            drop_path_uniform=drop_path_uniform,
-            drop_path_subset=drop_path_subset,
-            reg_tokens=reg_tokens,
-            init_values=init_values,
-            swiglu=swiglu,
-            no_embed_class=no_embed_class,
-            pretrained_path=pretrained_path,
-        )
+        return vit.create_backbone(name, **kwargs)
