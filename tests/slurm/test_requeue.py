@@ -45,9 +45,15 @@ def submitit_handler(monkeypatch):
     signal.signal(signum, previous)
 
 
-def test_callback_does_nothing_outside_a_submitit_slurm_job(monkeypatch):
-    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-    SubmititRequeue().on_job_end(config=CFG, job_return=_returned("stopped", "SIGUSR1"))
+def test_callback_does_nothing_outside_a_submitit_slurm_job(submitit_handler, monkeypatch):
+    """A USR1 stop outside submitit (a plain ``ssl-path-train``) ends the job: no requeue, no exit."""
+    for executor in (None, "local"):
+        if executor is None:
+            monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        else:
+            monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+        SubmititRequeue().on_job_end(config=CFG, job_return=_returned("stopped", "SIGUSR1"))
+    assert submitit_handler["calls"] == 0
 
 
 def test_callback_hands_over_only_after_a_usr1_stop(submitit_handler):
