@@ -4,9 +4,11 @@
     ssl-path-tile input='/data/*.svs' output=/data/tiles tiling.target_mpps=[0.5,1.0] tiling.tile_size=256
     ssl-path-tile input=slides.csv output=/data/tiles num_tasks=16   # in each task of sbatch --array=0-15
 
-``input`` is a folder, a glob, a CSV (column ``path``) or one slide. Re-running skips slides already
-done and retries failed ones; a corrupt slide is recorded as failed and the run still exits 0, unless
-every slide failed. ``output`` gets ``shards/``, ``manifest.json`` and ``hydra/`` (resolved configs).
+``input`` is a folder, a glob, a CSV (column ``path``) or one slide. A slide is its resolved path (two
+``slide.svs`` in different folders are two slides, with ids ``slide-<hash of path>``). Re-running skips
+slides already done and retries failed ones; a corrupt slide is recorded as failed and the run still
+exits 0, unless every slide failed. ``output`` gets ``shards/``, ``manifest.json`` and ``hydra/``
+(resolved configs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ssl_path import CONFIG_DIR
-from ssl_path.tiling import find_slides, summary_line, task_slides, tile_slides
+from ssl_path.tiling import find_slides, slide_ids, summary_line, task_slides, tile_slides
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,11 @@ def run(cfg: DictConfig) -> dict:
         raise FileNotFoundError(
             f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
         )
-    slides = task_slides(found, int(cfg.task_index), int(cfg.num_tasks))
+    share = set(task_slides(found, int(cfg.task_index), int(cfg.num_tasks)))
+    # ids over the whole input, not this task's share: every task sees a stem clash, and agrees on ids
+    mine = {sid: p for sid, p in slide_ids(found).items() if p in share}
     manifest = tile_slides(
-        slides, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
+        mine, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
     )
     line = summary_line(manifest, cfg.output)
     log.info(line)

@@ -1,4 +1,8 @@
-"""Turning the ``input`` argument (folder, glob, CSV list or one file) into slide paths and slide ids."""
+"""Turning the ``input`` argument (folder, glob, CSV list or one file) into slide paths and slide ids.
+
+A slide's identity is its resolved source path; its id is a shard-safe name for it (see
+``ssl_path.tiling.pipeline`` for how ids are claimed in a shared output folder).
+"""
 
 from __future__ import annotations
 
@@ -69,16 +73,29 @@ def _read_csv(path: Path) -> list[Path]:
     return out
 
 
+ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def stem_id(path: str | Path) -> str:
+    """The file stem with characters other than ``[A-Za-z0-9_-]`` replaced by ``-`` (``slide`` if empty)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(path).stem) or "slide"
+
+
+def path_id(path: str | Path) -> str:
+    """``stem_id`` plus 8 hex of sha1(path): an id that depends on the (resolved) path alone, so every
+    process that needs one for the same file agrees without talking to the others."""
+    return f"{stem_id(path)}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+
+
 def slide_ids(paths: Sequence[Path]) -> dict[str, Path]:
-    """Map unique, shard-safe slide ids to paths: the file stem with characters other than
-    ``[A-Za-z0-9_-]`` replaced by ``-``; stems shared by several files get a short hash of the path."""
-    stems = [re.sub(r"[^A-Za-z0-9_-]+", "-", Path(p).stem) or "slide" for p in paths]
+    """Map unique, shard-safe slide ids to paths: ``stem_id``, or ``path_id`` for stems (after
+    sanitising) shared by several of ``paths``."""
+    stems = [stem_id(p) for p in paths]
     counts = Counter(stems)
-    out: dict[str, Path] = {}
-    for stem, p in zip(stems, paths, strict=True):
-        sid = stem if counts[stem] == 1 else f"{stem}-{hashlib.sha1(str(p).encode()).hexdigest()[:8]}"
-        out[sid] = Path(p)
-    return out
+    ids = {(s if counts[s] == 1 else path_id(p)): Path(p) for s, p in zip(stems, paths, strict=True)}
+    if len(ids) != len({Path(p) for p in paths}):  # a file named like another's path_id: never drop one
+        raise ValueError(f"slide ids collide among {sorted(map(str, paths))}; rename one of the files")
+    return ids
 
 
 def task_slides(slides: Sequence[Path], task_index: int, num_tasks: int) -> list[Path]:

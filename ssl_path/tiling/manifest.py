@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ssl_path.tiling.config import RUNTIME_FIELDS
@@ -82,14 +82,21 @@ def check_config(output: Path, manifest: dict | None, config: dict) -> None:
 
 
 def update_manifest(
-    output: Path, config: dict, entries: dict[str, dict], last_run: dict | None = None
+    output: Path,
+    config: dict,
+    entries: dict[str, dict] | Callable[[dict[str, dict]], dict[str, dict]],
+    last_run: dict | None = None,
 ) -> dict:
-    """Merge slide ``entries`` into the manifest on disk (other entries kept) and save it, under the lock."""
+    """Merge slide ``entries`` into the manifest on disk (other entries kept) and save it, under the lock.
+
+    ``entries`` may be a function of the slides on disk, called under the lock: a read-decide-write
+    cycle that no other tiler can interleave with (how ``tile_slides`` claims slide ids).
+    """
     with manifest_lock(output):
         current = load_manifest(output)
         check_config(output, current, config)
         slides = dict(current["slides"]) if current else {}
-        slides.update(entries)
+        slides.update(entries(dict(slides)) if callable(entries) else entries)
         manifest = build_manifest(config, slides, last_run)
         save_manifest(output, manifest)
     return manifest

@@ -4,6 +4,17 @@
 (it returns the manifest entry, status ``failed`` with the reason). ``tile_slides`` skips slides the
 manifest already lists as ``ok`` (with their shards present), retries the others, runs them in a
 process pool, and rewrites the manifest after every slide.
+
+Slide identity is the resolved source path; the slide id (shard names, sample keys, manifest key) is
+a name for it. Ids are proposed by ``slide_ids`` (the sanitised stem, or stem + hash of the path when
+stems clash; ``ssl-path-tile`` proposes them over the whole input, so all tasks of an array job agree)
+and then *claimed* in one locked read-write of the manifest before any tiling (``claim_ids``): a
+source already in the manifest keeps its id, a free id is taken, and an id held by another source
+gives way to ``path_id`` (stem + 8 hex of sha1(path)) with a warning. Each claim is written at once
+as a ``failed`` entry ("claimed, not finished"), so a tiler that starts later, in this run or a
+concurrent one, sees it: no two sources ever share an id or shard names, a slide is skipped only if
+*its own source* is done, and a killed run's slides are simply retried. Moving slides changes their
+identity: re-tiling them into the same output adds them again (with the warning), it never drops one.
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import logging
 import multiprocessing
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -26,8 +37,8 @@ from tqdm.auto import tqdm
 from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.fastread import JpegTiffLevel0
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
-from ssl_path.tiling.inputs import slide_ids
-from ssl_path.tiling.manifest import check_config, load_manifest, update_manifest
+from ssl_path.tiling.inputs import ID_RE, path_id, slide_ids
+from ssl_path.tiling.manifest import update_manifest
 from ssl_path.tiling.reader import best_level, map_tiles, read_thumbnail
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import mask_coverage, thumbnail_tissue_mask, tile_tissue_fraction
@@ -207,9 +218,45 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
     return entry
 
 
-def _is_done(entry: dict | None, shards_dir: Path) -> bool:
-    shards_present = entry is not None and all((shards_dir / s["path"]).is_file() for s in entry["shards"])
-    return shards_present and entry["status"] == "ok"
+CLAIMED = "claimed; tiling not finished (in progress, or the tiler was killed)"
+
+
+def _is_done(entry: dict | None, source: Path, shards_dir: Path) -> bool:
+    """``ok`` for this very source, with every shard present."""
+    if entry is None or entry.get("source") != str(source) or entry["status"] != "ok":
+        return False
+    return all((shards_dir / s["path"]).is_file() for s in entry["shards"])
+
+
+def claim_ids(proposed: Mapping[str, Path], recorded: Mapping[str, dict]) -> dict[str, Path]:
+    """Final ids for ``proposed`` (``{id: resolved path}``) against the manifest's ``recorded`` slides.
+
+    A source already recorded keeps its id; otherwise the proposed id if free, else ``path_id`` (with a
+    warning). Raises if an id would go to two sources or a source would get two ids.
+    """
+    owner = {sid: str(e.get("source")) for sid, e in recorded.items()}
+    by_source: dict[str, str] = {}
+    for sid in sorted(owner):  # old manifests may hold one source under several ids: the first wins
+        by_source.setdefault(owner[sid], sid)
+    out: dict[str, Path] = {}
+    for sid, path in proposed.items():
+        src = str(path)
+        final = sid if owner.get(sid) == src else by_source.get(src, sid)
+        if owner.get(final, src) != src:
+            final = path_id(path)
+            message = (
+                f"slide id {sid!r} belongs to {owner[sid]}; {src} is tiled as {final!r} (if it is the "
+                "same slide moved or copied, the output now holds its tiles twice)"
+            )
+            log.warning(message)
+            warnings.warn(message, TilingWarning, stacklevel=2)
+        if owner.setdefault(final, src) != src:
+            raise ValueError(f"slide id {final!r} would name both {owner[final]} and {src}; rename one")
+        if final in out:
+            raise ValueError(f"{src} is listed twice (ids {[k for k, v in proposed.items() if v == path]})")
+        by_source.setdefault(src, final)
+        out[final] = path
+    return out
 
 
 def _run_slides(
@@ -242,27 +289,39 @@ def _report(sid: str, entry: dict) -> None:
 
 
 def tile_slides(
-    slides: Sequence[str | Path],
+    slides: Sequence[str | Path] | Mapping[str, str | Path],
     output: str | Path,
     cfg: TilingConfig,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Tile ``slides`` into ``output`` (``shards/*.tar`` + ``manifest.json``) and return the manifest.
+    """Tile ``slides`` (paths, or ``{proposed id: path}``) into ``output`` (``shards/*.tar`` +
+    ``manifest.json``) and return the manifest.
 
-    Slides already ``ok`` in an existing manifest are skipped; failed or missing ones are (re)done. The
-    manifest's ``last_run`` counts this call's ok / failed / skipped slides and tiles written. Several
-    calls may share ``output`` at once (each slide must belong to one of them).
+    Ids are claimed first (see the module docstring). Slides already ``ok`` in an existing manifest
+    are skipped; failed or missing ones are (re)done. The manifest's ``last_run`` counts this call's
+    ok / failed / skipped slides and tiles written. Several calls may share ``output`` at once (each
+    slide must belong to one of them).
     """
     output = Path(output)
     shards_dir = output / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(cfg.to_dict()))
-    prior = load_manifest(output)
-    check_config(output, prior, config)
-    done = prior["slides"] if prior else {}
-    ids = slide_ids([Path(s).resolve() for s in slides])
-    todo = {sid: p for sid, p in ids.items() if not _is_done(done.get(sid), shards_dir)}
+    if isinstance(slides, Mapping):
+        proposed = {sid: Path(p).resolve() for sid, p in slides.items()}
+        if bad := [sid for sid in proposed if not ID_RE.fullmatch(sid)]:
+            raise ValueError(f"slide ids must match {ID_RE.pattern}: {bad}")
+    else:
+        proposed = slide_ids([Path(s).resolve() for s in slides])
+    ids: dict[str, Path] = {}
+    todo: dict[str, Path] = {}
+
+    def claim(recorded: dict[str, dict]) -> dict[str, dict]:
+        ids.update(claim_ids(proposed, recorded))
+        todo.update({sid: p for sid, p in ids.items() if not _is_done(recorded.get(sid), p, shards_dir)})
+        return {sid: failed_entry(p, CLAIMED) for sid, p in ids.items() if sid not in recorded}
+
+    update_manifest(output, config, claim)
     counts = {"ok": 0, "failed": 0, "skipped": len(ids) - len(todo), "tiles_written": 0}
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="tiling slides", unit="slide", disable=not progress) as bar:

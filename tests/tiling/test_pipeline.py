@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -229,3 +232,68 @@ def test_shard_size_limit_and_jpeg_quality(slides_dir: Path, tmp_path: Path) -> 
     hq = {s["__key__"]: len(s["jpg"]) for s in _samples(tmp_path / "hq", manifest)}
     lq = {s["__key__"]: len(s["jpg"]) for s in _samples(tmp_path / "lq", low)}
     assert hq.keys() == lq.keys() and all(lq[k] < 0.6 * hq[k] for k in hq)
+
+
+def _copies(src: Path, *dests: Path) -> list[Path]:
+    for d in dests:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, d)
+    return [d.resolve() for d in dests]
+
+
+def test_ids_that_sanitise_alike_are_both_tiled_across_runs(slides_dir: Path, tmp_path: Path) -> None:
+    """Issue 12: ``case 7.svs`` then ``case-7.svs`` (both sanitise to ``case-7``) into one output: the
+    second run tiles its slide under another id, loudly, instead of skipping it as done."""
+    spaced, dashed = _copies(slides_dir / CMU, tmp_path / "in" / "case 7.svs", tmp_path / "in" / "case-7.svs")
+    out, cfg = tmp_path / "out", _cfg(max_tiles_per_slide=4)
+    tile_slides([spaced], out, cfg, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = tile_slides([dashed], out, cfg, progress=False)
+    assert second["last_run"] | {"seconds": 0} == {
+        "ok": 1,
+        "failed": 0,
+        "skipped": 0,
+        "tiles_written": 4,
+        "seconds": 0,
+    }
+    slides = second["slides"]
+    new_id = next(sid for sid, v in slides.items() if v["source"] == str(dashed))
+    assert slides["case-7"]["source"] == str(spaced) and re.fullmatch(r"case-7-[0-9a-f]{8}", new_id)
+    assert all(v["status"] == "ok" for v in slides.values()) and len(slides) == 2
+    assert [len(_samples(out, second, sid)) for sid in ("case-7", new_id)] == [4, 4]
+    assert any("case 7.svs" in str(w.message) and new_id in str(w.message) for w in caught)
+    both = tile_slides([spaced, dashed], out, cfg, progress=False)  # ids follow the source: nothing redone
+    assert (both["last_run"]["ok"], both["last_run"]["skipped"]) == (0, 2) and both["slides"] == slides
+
+
+@pytest.mark.filterwarnings("ignore::ssl_path.tiling.TilingWarning")
+def test_concurrent_tilers_never_share_an_id(slides_dir: Path, tmp_path: Path) -> None:
+    """Two tilers started at once on ``a/slide.svs`` and ``b/slide.svs`` (inputs that each look clash-free)
+    into one output: ids are claimed under the manifest lock, so both slides land, with their own shards."""
+    paths = _copies(slides_dir / CMU, tmp_path / "a" / "slide.svs", tmp_path / "b" / "slide.svs")
+    out = tmp_path / "out"
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: tile_slides([p], out, _cfg(max_tiles_per_slide=4), progress=False), paths))
+    manifest = json.loads((out / "manifest.json").read_text())
+    slides = manifest["slides"]
+    assert sorted(v["source"] for v in slides.values()) == [str(p) for p in paths]
+    assert all(v["status"] == "ok" for v in slides.values())
+    assert sorted(re.sub(r"[0-9a-f]{8}$", "<hash>", sid) for sid in slides) == ["slide", "slide-<hash>"]
+    for sid, entry in slides.items():
+        metas = [json.loads(s["json"]) for s in _samples(out, manifest, sid)]
+        assert len(metas) == 4 and {(m["slide_id"], m["source"]) for m in metas} == {(sid, entry["source"])}
+
+
+def test_claim_ids_follow_the_source_and_never_give_one_id_two_sources(tmp_path: Path) -> None:
+    from ssl_path.tiling.inputs import path_id
+    from ssl_path.tiling.pipeline import claim_ids
+
+    a, b, c = (tmp_path / d / "s.svs" for d in "abc")
+    recorded = {"s": {"source": str(a)}, "t": {"source": str(c)}}
+    with pytest.warns(TilingWarning, match="belongs to"):  # a keeps its recorded id; b gives way
+        assert claim_ids({path_id(a): a, "s": b, "u": c}, recorded) == {"s": a, path_id(b): b, "t": c}
+    with pytest.warns(TilingWarning), pytest.raises(ValueError, match="would name both"):
+        claim_ids({"s": b}, recorded | {path_id(b): {"source": str(c)}})
+    with pytest.raises(ValueError, match="listed twice"):
+        claim_ids({"x": b, "y": b}, {})

@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,32 @@ def test_array_tasks_partition_the_slides_into_one_output(slides_dir: Path, tmp_
     assert set(second["slides"]) == {"CMU-1-Small-Region", "CMU-1-Small-Region-pyramid"}
     with pytest.raises(ValueError, match="task_index"):
         run(_compose([*common, "task_index=2"]))
+
+
+def test_array_tasks_tile_two_slides_of_one_name(slides_dir: Path, tmp_path: Path) -> None:
+    """Issue 12: ``a/slide.svs`` and ``b/slide.svs`` split over a 2-task array: each is tiled under its
+    own id (task 1 used to skip ``b`` as "already done" because ``a`` had taken the id ``slide``)."""
+    sources = {}
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        sources[d] = shutil.copy(slides_dir / "CMU-1-Small-Region.svs", tmp_path / d / "slide.svs")
+    out = tmp_path / "tiles"
+    common = [f"input={tmp_path}/*/slide.svs", f"output={out}", "progress=false", "num_tasks=2"]
+    common.append("tiling.max_tiles_per_slide=4")
+    runs = [run(_compose([*common, f"task_index={k}"])) for k in (0, 1)]
+    assert [(r["last_run"]["ok"], r["last_run"]["skipped"]) for r in runs] == [(1, 0), (1, 0)]
+    slides = runs[1]["slides"]
+    assert sorted(v["source"] for v in slides.values()) == [str(Path(p).resolve()) for p in sources.values()]
+    assert all(v["status"] == "ok" and v["tiles"] == 4 for v in slides.values())
+    metas = []
+    for shard in runs[1]["shards"]:  # both slides' tiles are in the shards, each under its own id
+        with tarfile.open(out / shard["path"]) as tar:
+            metas += [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert Counter((m["slide_id"], m["source"]) for m in metas) == {
+        (sid, v["source"]): 4 for sid, v in slides.items()
+    }
+    again = [run(_compose([*common, f"task_index={k}"]))["last_run"] for k in (0, 1)]
+    assert [(r["ok"], r["skipped"]) for r in again] == [(0, 1), (0, 1)]  # and each task agrees on ids
 
 
 def test_find_slides_from_folder_csv_and_glob(slides_dir: Path, tmp_path: Path) -> None:
