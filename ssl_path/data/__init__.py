@@ -9,13 +9,22 @@ from ssl_path.data.augment import (
 from ssl_path.data.collate import MaskingConfig, MultiCropCollate, finish_on_device
 from ssl_path.data.datamodule import SSLDataModule
 from ssl_path.data.decode import DecodeError, decode_tile
-from ssl_path.data.manifest import ShardRef, load_manifest, select_shards, select_slides, slide_order
+from ssl_path.data.manifest import (
+    ManifestError,
+    ShardRef,
+    load_manifest,
+    select_shards,
+    select_slides,
+    slide_order,
+    validate_manifest,
+)
 from ssl_path.data.masking import block_mask, mask_indices, sample_masks
 from ssl_path.data.stream import DataSkipWarning, MultiCropStream, SkipCounter, TileStream
 
 __all__ = [
     "DataSkipWarning",
     "DecodeError",
+    "ManifestError",
     "MaskingConfig",
     "MultiCropAugmentation",
     "MultiCropCollate",
@@ -36,4 +45,5 @@ __all__ = [
     "select_shards",
     "select_slides",
     "slide_order",
+    "validate_manifest",
 ]

@@ -15,6 +15,9 @@ what large shards on network file systems need. Seeds never come from pids or cl
 
 Tar parsing is webdataset's (``tar_file_expander`` + ``group_by_keys``); bad input is counted by
 reason (:class:`SkipCounter`) and skipped, never fatal, unless a stream finds nothing readable at all.
+A shard read to its end that holds fewer or more samples than the manifest says is counted as
+``count_mismatch``: the layout above trusts those counts, so a wrong one must show in the stats
+rather than silently starve (or truncate) the stream.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ _MAX_FAILURES = 10_000
 
 
 class DataSkipWarning(RuntimeWarning):
-    """An input was skipped (corrupt tar, missing or undecodable JPEG); emitted once per reason."""
+    """An input was skipped or miscounted (corrupt tar, bad JPEG, count_mismatch); once per reason."""
 
 
 class SkipCounter:
@@ -67,15 +70,25 @@ def _tar_reason(exn: Exception) -> tuple[str, bool]:
     return "tar_error", False
 
 
-def iter_shard(path: str, counter: SkipCounter) -> Iterator[dict]:
-    """Samples (``__key__``, ``jpg``, ``json`` ...) of one tar; reading stops at the first tar error."""
+def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> Iterator[dict]:
+    """Samples (``__key__``, ``jpg``, ``json`` ...) of one tar; reading stops at the first tar error.
+
+    With ``expected`` (the manifest's ``num_samples``) at most that many samples are yielded, and a
+    tar that ends cleanly with fewer, or that holds more (noticed when a caller asks for one more),
+    is counted once as ``count_mismatch``. A tar cut short by an error is already counted by that
+    error and is not counted again.
+    """
 
     # imported here so that the augmentation code (and scripts/bench_data.py) runs without webdataset
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    stopped = False
+
     def handler(exn: Exception) -> bool:
+        nonlocal stopped
         reason, keep_going = _tar_reason(exn)
         counter.add(reason, f"{path}: {exn!r}"[:300])
+        stopped = stopped or not keep_going
         return keep_going
 
     try:
@@ -83,10 +96,20 @@ def iter_shard(path: str, counter: SkipCounter) -> Iterator[dict]:
     except OSError as exn:
         counter.add("missing_shard", f"{path}: {exn!r}")
         return
+    n = 0
     try:
-        yield from group_by_keys(
+        for sample in group_by_keys(
             tar_file_expander([{"url": path, "stream": f}], handler=handler), handler=handler
-        )
+        ):
+            if n == expected:
+                counter.add(
+                    "count_mismatch", f"{path} holds more than the {expected} samples manifest.json lists"
+                )
+                return
+            n += 1
+            yield sample
+        if expected is not None and n < expected and not stopped:
+            counter.add("count_mismatch", f"{path} holds {n} samples; manifest.json lists {expected}")
     finally:
         f.close()
 
@@ -126,11 +149,13 @@ class _Slot:
         d, start = self._locate(chunk)
         shard = self.shards[self._draw(d)]
         if self._reader_at != (d, start):
-            self._reader = iter_shard(shard.path, self.counter)
+            self._reader = iter_shard(shard.path, self.counter, shard.num_samples)
             for _ in zip(range(start), self._reader, strict=False):  # resume: skip to the offset
                 pass
         n = min(self.window, shard.num_samples - start)
         out = [s for _, s in zip(range(n), self._reader, strict=False)]
+        if start + n >= shard.num_samples:
+            next(self._reader, None)  # the shard's last window: let iter_shard check for extra samples
         self._reader_at = (d, start + self.window)
         if shard.keep is not None:
             out = [s for s in out if _slide_id(s) in shard.keep]
@@ -197,7 +222,8 @@ class TileStream:
             failures += 1
             if failures >= _MAX_FAILURES:
                 raise RuntimeError(
-                    f"stream {self.key}: {failures} samples/chunks in a row gave no tile; skipped so far: "
+                    f"stream {self.key}: {failures} samples/chunks in a row gave no tile; skipped so far "
+                    "by reason (count_mismatch: a shard's size differs from manifest.json): "
                     f"{dict(self.counter.counts)}"
                 )
 

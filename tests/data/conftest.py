@@ -41,12 +41,13 @@ def write_shard(path: Path, samples: list[dict]) -> None:
 
 @pytest.fixture(scope="session")
 def corrupt_root(tmp_path_factory: pytest.TempPathFactory, tiled_root: Path) -> Path:
-    """A copy of the real dataset plus four broken shards, one per failure kind, in the manifest.
+    """A copy of the real dataset plus five broken shards, one per failure kind, in the manifest.
 
     - ``bad-truncated``: a real 8-sample shard cut in the middle of a member;
     - ``bad-nonjpeg``: every second ``jpg`` member holds PNG bytes;
     - ``bad-badjpeg``: every second ``jpg`` starts like a JPEG and then is garbage;
-    - ``bad-missing``: every second sample has only its ``json``.
+    - ``bad-missing``: every second sample has only its ``json``;
+    - ``bad-empty``: a valid tar with no member that the manifest says holds 50 samples.
     """
     root = tmp_path_factory.mktemp("corrupt")
     shutil.copytree(tiled_root / "shards", root / "shards")
@@ -68,9 +69,11 @@ def corrupt_root(tmp_path_factory: pytest.TempPathFactory, tiled_root: Path) -> 
         for i, s in enumerate(samples)
     ]
     missing = [{k: v for k, v in s.items() if k != "jpg"} if i % 2 else s for i, s in enumerate(samples)]
-    for name, shard in (("bad-nonjpeg", nonjpeg), ("bad-badjpeg", badjpeg), ("bad-missing", missing)):
+    shards = (("bad-nonjpeg", nonjpeg), ("bad-badjpeg", badjpeg), ("bad-missing", missing), ("bad-empty", []))
+    for name, shard in shards:
         write_shard(root / "shards" / f"{name}.tar", shard)
-    for name in ("bad-truncated", "bad-nonjpeg", "bad-badjpeg", "bad-missing"):
-        manifest["shards"].append({"path": f"shards/{name}.tar", "num_samples": 8, "slide_ids": [slide]})
+    for name in ("bad-truncated", "bad-nonjpeg", "bad-badjpeg", "bad-missing", "bad-empty"):
+        count = 50 if name == "bad-empty" else 8
+        manifest["shards"].append({"path": f"shards/{name}.tar", "num_samples": count, "slide_ids": [slide]})
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root

@@ -1,8 +1,11 @@
-"""Data-size tiers: nested, deterministic subsets of slides; shard selection and filters."""
+"""Data-size tiers (nested, deterministic subsets of slides), shard selection, manifest validation."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,113 @@ def test_real_manifest_tiers(tiled_root: Path) -> None:
     assert sum(s.num_samples for s in select_shards(m, tiled_root, one)) == m["slides"][one[0]]["tiles"]
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         load_manifest(tiled_root / "shards")
+
+
+def _write(root: Path, tiled_root: Path, edit: Callable[[dict], None]) -> Path:
+    """``root/manifest.json``: the real manifest with ``edit`` applied; returns its path."""
+    manifest = json.loads((tiled_root / "manifest.json").read_text())
+    edit(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root / "manifest.json"
+
+
+def _set(*keys: str | int, value: object) -> Callable[[dict], None]:
+    """An edit setting manifest[k0][k1]...[kn] = value (an ``int`` key indexes a list)."""
+
+    def edit(manifest: dict) -> None:
+        target = manifest
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+SLIDE = "CMU-1-Small-Region"  # a slide of tiled_root
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set("shards", 0, "path", value="../../etc/passwd"), 'shards[0].path="../../etc/passwd" is outside'),
+        (_set("shards", 0, "path", value="/etc/passwd"), 'shards[0].path="/etc/passwd" is outside'),
+        (
+            _set("shards", 1, "path", value="shards/../../x.tar"),
+            'shards[1].path="shards/../../x.tar" is outside',
+        ),
+        (
+            _set("slides", SLIDE, "shards", 0, "path", value="../../etc/passwd"),
+            f'slides["{SLIDE}"].shards[0].path="../../etc/passwd" is outside the dataset root',
+        ),
+    ],
+)
+def test_shard_paths_outside_the_root_are_refused(
+    tiled_root: Path, tmp_path: Path, edit: Callable[[dict], None], message: str
+) -> None:
+    path = _write(tmp_path, tiled_root, edit)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _set("shards", 0, "num_samples", value="16"),
+            'shards[0].num_samples="16" must be a non-negative integer',
+        ),
+        (
+            _set("shards", 2, "num_samples", value=-1),
+            "shards[2].num_samples=-1 must be a non-negative integer",
+        ),
+        (_set("shards", 0, "num_samples", value=True), "shards[0].num_samples=true must be a non-negative"),
+        (_set("shards", 0, "num_samples", value=16.0), "shards[0].num_samples=16.0 must be a non-negative"),
+        (_set("slides", SLIDE, "tiles", value="50"), f'slides["{SLIDE}"].tiles="50" must be a non-negative'),
+        (_set("slides", SLIDE, "status", value="done"), f'slides["{SLIDE}"].status="done" must be one of'),
+        (_set("shards", 0, "slide_ids", value=SLIDE), f'shards[0].slide_ids="{SLIDE}" must be a list'),
+        (lambda m: m["shards"][0].pop("num_samples"), "shards[0].num_samples is missing"),
+        (_set("slides", value=[]), "slides=[] must be an object"),
+    ],
+)
+def test_wrong_types_are_refused_naming_the_field(
+    tiled_root: Path, tmp_path: Path, edit: Callable[[dict], None], message: str
+) -> None:
+    path = _write(tmp_path, tiled_root, edit)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"shards": [', "not valid JSON (Expecting value: line 1 column 13"),
+        (b"\xff\xfe{}", "not valid JSON ('utf-8' codec can't decode"),
+        ("[]", "manifest=[] must be a JSON object"),
+    ],
+)
+def test_unreadable_manifest_is_refused_naming_the_file(
+    tmp_path: Path, text: str | bytes, message: str
+) -> None:
+    path = tmp_path / "manifest.json"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_manifest(tmp_path)
+
+
+def test_select_shards_checks_paths_of_a_manifest_not_from_disk() -> None:
+    m = _manifest(12)
+    m["shards"][3]["path"] = "../outside.tar"
+    with pytest.raises(ValueError, match=re.escape('/data/manifest.json: shards[3].path="../outside.tar"')):
+        select_shards(m, "/data", select_slides(m, 1.0))
+
+
+def test_symlinked_shards_folder_is_allowed(tiled_root: Path, tmp_path: Path) -> None:
+    """The path check is lexical: a dataset whose shards/ links to another file system still loads."""
+    (tmp_path / "shards").symlink_to(tiled_root / "shards", target_is_directory=True)
+    (tmp_path / "manifest.json").write_text((tiled_root / "manifest.json").read_text())
+    m = load_manifest(tmp_path)
+    shards = select_shards(m, tmp_path, select_slides(m, 1.0))
+    assert shards and all(Path(s.path).is_file() and s.path.startswith(str(tmp_path)) for s in shards)

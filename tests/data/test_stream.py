@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from ssl_path.data import (
     DataSkipWarning,
     MultiCropConfig,
+    ShardRef,
     SkipCounter,
     SSLDataModule,
     TileStream,
@@ -70,7 +72,8 @@ def test_tier_filter_reads_only_tier_slides(tiled_root: Path) -> None:
 
 def test_corrupt_inputs_are_counted_and_skipped(corrupt_root: Path) -> None:
     manifest = load_manifest(corrupt_root)
-    bad = [s for s in select_shards(manifest, corrupt_root, select_slides(manifest, 1.0)) if "bad-" in s.path]
+    shards = select_shards(manifest, corrupt_root, select_slides(manifest, 1.0))
+    bad = [s for s in shards if "bad-" in s.path and "bad-empty" not in s.path]  # bad-empty: tested below
     assert len(bad) == 4
     counter = SkipCounter()
     ts = TileStream(bad, 0, 0, 0, shards_per_chunk=4, window=8, counter=counter)
@@ -103,6 +106,61 @@ def test_datamodule_batches_with_corrupt_shards(corrupt_root: Path) -> None:
             stats = batch["data_stats"]
     assert stats["samples"] == 32
     assert sum(v for k, v in stats.items() if k != "samples") > 0
+    assert stats.get("count_mismatch", 0) > 0  # bad-empty: an empty tar the manifest says holds 50
+
+
+@pytest.mark.parametrize(("held", "listed"), [(0, 50), (8, 20), (8, 4), (8, 8)])
+def test_shard_size_unlike_the_manifest_is_counted(
+    tiled_root: Path, tmp_path: Path, held: int, listed: int
+) -> None:
+    """One pass over a shard holding ``held`` samples that the manifest lists with ``listed``: a
+    mismatch is counted once (warning naming the shard), reading goes on, extra samples stay unread."""
+    path = tmp_path / "shard.tar"
+    samples = real_samples(tiled_root, held)
+    write_shard(path, samples)
+    counter = SkipCounter()
+    ts = TileStream(
+        [ShardRef(str(path), listed, None)], 0, 0, 0, shards_per_chunk=1, window=3, counter=counter
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        read = [s["__key__"] for c in range(-(-listed // 3)) for s in ts.chunk(c)]  # chunk c = window c
+    assert sorted(read) == sorted(s["__key__"] for s in samples[:listed])
+    mismatch = int(held != listed)
+    assert counter.counts == ({"count_mismatch": 1} if mismatch else {})
+    named = [w for w in record if issubclass(w.category, DataSkipWarning) and str(path) in str(w.message)]
+    assert len(named) == mismatch
+
+
+def test_truncated_shard_is_not_also_a_count_mismatch(corrupt_root: Path) -> None:
+    manifest = load_manifest(corrupt_root)
+    (bad,) = [
+        s
+        for s in select_shards(manifest, corrupt_root, select_slides(manifest, 1.0))
+        if "truncated" in s.path
+    ]
+    counter = SkipCounter()
+    ts = TileStream([bad], 0, 0, 0, shards_per_chunk=1, window=8, counter=counter)
+    with pytest.warns(DataSkipWarning, match="truncated_tar"):
+        ts.chunk(0)
+    assert counter.counts == {"truncated_tar": 1}
+
+
+def test_stream_of_overstated_shards_fails_with_the_counts(tmp_path: Path) -> None:
+    """Only empty shards that the manifest says hold 50 samples each: the stream gives up after
+    10000 empty chunks (about half a second) and the error shows the mismatches it counted."""
+    shards = []
+    for i in range(2):
+        write_shard(tmp_path / f"empty-{i}.tar", [])
+        shards.append(ShardRef(str(tmp_path / f"empty-{i}.tar"), 50, None))
+    ts = TileStream(shards, 0, 0, 0, shards_per_chunk=2, window=8, counter=SkipCounter())
+    with (
+        pytest.warns(DataSkipWarning, match="empty-"),
+        pytest.raises(
+            RuntimeError, match=r"10000 samples/chunks in a row gave no tile.*'count_mismatch': \d+"
+        ),
+    ):
+        next(ts.tiles())
 
 
 def _fingerprints(dm: SSLDataModule, n: int) -> list[torch.Tensor]:
