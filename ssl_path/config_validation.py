@@ -8,7 +8,12 @@ started. So every node with a ``_target_`` is checked against its target's signa
 * each key must be a parameter of the target (unless it takes ``**kwargs``), with a did-you-mean hint;
 * each required parameter must be given (or injected by the caller);
 * each literal value must fit the annotation (``int``, ``float``, ``bool``, ``str``, ``X | None``,
-  ``list``/``tuple``, ``Literal``); interpolations are resolved first.
+  ``list``/``tuple``, ``Literal``); interpolations are resolved first;
+* parameters a target lists in ``POSITIVE_INT_PARAMS`` (sizes, e.g. ``DINOHead.out_dim``) must be
+  ints > 0 (``model.head.out_dim=0`` would otherwise fail deep inside ``weight_norm``);
+* every number under ``optim``, ``method`` and ``model`` must be finite: hydra parses the overrides
+  ``inf``, ``-inf`` and ``nan`` to floats, which pass as ``float`` but make the weights NaN (the warmup
+  lr at step 0 of ``optim.lr=inf`` is ``0 * inf``).
 
 Errors name the full dotted key and the target, e.g.
 ``method.student_tmp: not a parameter of ssl_path.method.DINOv2Module (did you mean 'student_temp'?)``.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -27,6 +33,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# top-level nodes whose numbers all feed the training arithmetic: none may be inf or nan
+FINITE_NODES = ("optim", "method", "model")
 
 
 class ConfigValidationError(ValueError):
@@ -37,6 +45,7 @@ def validate_config(
     cfg: DictConfig,
     injected: Mapping[str, Iterable[str]] | None = None,
     top_level: Mapping[str, Any] | None = None,
+    finite_nodes: Iterable[str] = FINITE_NODES,
 ) -> None:
     """Raise ``ConfigValidationError`` listing every problem in ``cfg``.
 
@@ -46,6 +55,7 @@ def validate_config(
             (e.g. ``{"method": {"backbone", "head", "optim"}}``), so they are not reported missing.
         top_level: allowed top-level plain keys and their types; groups (dict nodes) are not checked
             here but through their ``_target_`` nodes.
+        finite_nodes: top-level nodes in which every number must be finite.
     """
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     errors: list[str] = []
@@ -59,6 +69,9 @@ def validate_config(
             elif not _fits(value, top_level[key]):
                 errors.append(f"{key}: expected {_type_name(top_level[key])}, got {value!r}")
     _walk(container, "", injected, errors)
+    for name in finite_nodes:
+        if name in container:
+            _check_finite(container[name], name, errors)
     if errors:
         raise ConfigValidationError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -89,6 +102,7 @@ def _check_target(node: dict, path: str, injected: set[str], errors: list[str]) 
     params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     hints = _type_hints(target)
+    positive = getattr(target, "POSITIVE_INT_PARAMS", ())
     name = node["_target_"]
     for key, value in node.items():
         if key in HYDRA_KEYS:
@@ -100,11 +114,25 @@ def _check_target(node: dict, path: str, injected: set[str], errors: list[str]) 
         hint = hints.get(key)
         if hint is not None and not _is_node(value) and not _fits(value, hint):
             errors.append(f"{path}.{key}: {name} expects {_type_name(hint)}, got {value!r}")
+        elif key in positive and not (_fits(value, int) and value > 0):
+            errors.append(f"{path}.{key}={value!r}: must be a positive int ({name})")
     if node.get("_partial_", False):
         return
     for key, p in params.items():
         if p.default is p.empty and key not in node and key not in injected and not node.get("_args_"):
             errors.append(f"{path}.{key}: missing, required by {name}")
+
+
+def _check_finite(node: Any, path: str, errors: list[str]) -> None:
+    """Every float under ``node`` finite (ints always are; strings are the type check's business)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{path}.{key}", errors)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{path}[{i}]", errors)
+    elif isinstance(node, float) and not math.isfinite(node):
+        errors.append(f"{path}={node!r}: must be finite")
 
 
 def _unknown(full: str, key: str, valid: Iterable[str], owner: str) -> str:

@@ -17,6 +17,7 @@ Every scheduled value is recomputed from ``global_step`` (``schedules.Schedules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,13 @@ from ssl_path import losses as L_
 from ssl_path.data.masking import mask_indices
 from ssl_path.method.ema import ema_update
 from ssl_path.method.health import PlateauMonitor, health_metrics
-from ssl_path.method.nonfinite import NonFiniteGuard, apply_found_inf, clear_found_inf
+from ssl_path.method.nonfinite import (
+    NonFiniteGuard,
+    NonFiniteWeightsError,
+    apply_found_inf,
+    clear_found_inf,
+    nonfinite_tensors,
+)
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.parallel import parallelize
 from ssl_path.method.rng import get_rng_state, set_rng_state
@@ -69,8 +76,11 @@ class DINOv2Module(L.LightningModule):
         ibot_normalization: ``dinov2`` (the masked-patch CE summed with per-image weights and divided
             by all ``n_g * B`` global crops, as DINOv2) or ``masked_images`` (divided by the number of
             masked crops: with mask probability 0.5, twice the ``dinov2`` term); ``losses.ibot``.
-        max_nonfinite_steps: consecutive non-finite steps tolerated (skipped and counted) before raising;
-            the device-side counters are read on logging steps and at the end (method/nonfinite.py).
+        max_nonfinite_steps: consecutive non-finite steps (loss, gradient norm, or a non-finite lr /
+            weight decay / momentum) tolerated (skipped and counted) before raising; the device-side
+            counters are read on logging steps and at the end (method/nonfinite.py). Non-finite
+            student or teacher weights are never tolerated: a checkpoint of them is refused and the
+            run ends with ``NonFiniteWeightsError`` instead of finishing.
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
         activation_checkpointing: recompute each student block in backward instead of keeping its
             activations (``torch.utils.checkpoint`` per block; ViT-L/H/g at large batches). The
@@ -314,11 +324,15 @@ class DINOv2Module(L.LightningModule):
 
     def apply_optimizer_schedule(self, optimizer: torch.optim.Optimizer, values: ScheduleValues) -> None:
         """Write the scheduled lr and weight decay into every param group (times its multipliers); the
-        prototype layers take ``last_layer_lr`` (0 while frozen), as DINOv2's ``apply_optim_scheduler``."""
+        prototype layers take ``last_layer_lr`` (0 while frozen), as DINOv2's ``apply_optim_scheduler``.
+
+        The non-finite guard sees the values written (host floats, no sync): a non-finite one skips the
+        step like a non-finite loss, before the update could turn the weights into NaN."""
         for group in optimizer.param_groups:
             lr = values.last_layer_lr if group["is_last_layer"] else values.lr
             group["lr"] = lr * group["lr_mult"]
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
+        self.nonfinite.observe_update(dataclasses.asdict(values), optimizer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         values = self.schedule_at(self.global_step)
@@ -355,7 +369,7 @@ class DINOv2Module(L.LightningModule):
 
     @property
     def nonfinite_total(self) -> int:
-        """Optimiser steps skipped for a non-finite loss or gradient (reads a device counter)."""
+        """Optimiser steps skipped for a non-finite loss, gradient or update value (a device read)."""
         return self.nonfinite.total
 
     @property
@@ -545,6 +559,21 @@ class DINOv2Module(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint state
     def on_train_end(self) -> None:
         self.nonfinite.check(self.global_step)
+        self.check_weights_finite("at the end of training")
+
+    def check_weights_finite(self, when: str) -> None:
+        """Raise ``NonFiniteWeightsError`` if a student or teacher tensor is non-finite on any rank.
+
+        One host read (and, when distributed, one all-reduce: call on every rank), so only where the
+        host waits for the device anyway: the end of training (a run with NaN weights must not count
+        as finished) and every checkpoint save (it must not replace a good checkpoint)."""
+        bad = nonfinite_tensors({"student": self.student, "teacher": self.teacher})
+        if bad:
+            raise NonFiniteWeightsError(
+                f"{len(bad)} student/teacher tensor(s) hold non-finite values {when} (step "
+                f"{self.global_step}), e.g. {', '.join(bad[:4])}; the run stops here without writing "
+                "them. Resume from an earlier checkpoint, with a lower lr."
+            )
 
     def on_train_start(self) -> None:
         # distinct drop-path noise per rank; the same on every restart (runs before the data iterator)
@@ -552,6 +581,7 @@ class DINOv2Module(L.LightningModule):
             torch.manual_seed(self.seed + self.trainer.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_weights_finite("when saving a checkpoint")  # before anything is written
         states = [get_rng_state()]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()

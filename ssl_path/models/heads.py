@@ -10,6 +10,8 @@ uses the same head on patch tokens, shared with or separate from the CLS head: t
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,16 @@ class DINOHead(nn.Module):
     Shapes: ``(..., D) -> (..., K)``.
     """
 
+    # sizes that must be ints > 0: checked here and, under their config keys (``model.head.out_dim``),
+    # by config validation before a run starts (``out_dim=0`` would fail obscurely in ``weight_norm``)
+    POSITIVE_INT_PARAMS: ClassVar[tuple[str, ...]] = (
+        "in_dim",
+        "out_dim",
+        "hidden_dim",
+        "bottleneck_dim",
+        "nlayers",
+    )
+
     def __init__(
         self,
         in_dim: int,
@@ -49,8 +61,10 @@ class DINOHead(nn.Module):
         freeze_prototype_norm: bool = False,
     ) -> None:
         super().__init__()
-        if nlayers < 1:
-            raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+        sizes = (in_dim, out_dim, hidden_dim, bottleneck_dim, nlayers)
+        for key, value in zip(self.POSITIVE_INT_PARAMS, sizes, strict=True):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DINOHead: {key} must be a positive int, got {value!r}")
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):

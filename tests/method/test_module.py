@@ -1,6 +1,8 @@
 """DINOv2Module under a real Lightning Trainer on synthetic batches (real data: tests/test_train.py)."""
 
 import copy
+import dataclasses
+import math
 
 import lightning as L
 import pytest
@@ -8,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_path.method import DINOv2Module, NonFiniteLossError, OptimConfig, synthetic_batch
+from ssl_path.method.nonfinite import NonFiniteWeightsError
 from tests.method.tiny import cpu_trainer, tiny_module
 
 B = 2
@@ -108,6 +111,62 @@ def test_nonfinite_steps_are_skipped_then_raise():
     module = _module(max_nonfinite_steps=2)
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 consecutive steps.*max_nonfinite_steps=2"):
         cpu_trainer(4).fit(module, _loader(4, poison={1, 2}))
+
+
+def test_infinite_lr_past_validation_skips_every_step_then_raises_with_the_weights_untouched():
+    """optim.lr=inf: the warmup lr is NaN at step 0 and inf after. Each step is skipped before the update
+    (not after it made the weights NaN), counted, and the run raises at the limit naming the lr."""
+    module = _module(optim=OptimConfig(lr=math.inf, warmup_steps=2), max_nonfinite_steps=2)
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 consecutive.*update values: \{'lr': inf"):
+        cpu_trainer(3).fit(module, _loader(3))
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_nonfinite_lr_at_one_step_skips_that_step_only():
+    module = _module()
+    schedule_at = module.schedule_at
+    module.schedule_at = lambda step: dataclasses.replace(
+        schedule_at(step), lr=math.nan if step == 1 else 0.05
+    )
+    before = copy.deepcopy(module.student.state_dict())
+    cpu_trainer(4).fit(module, _loader(4))  # finishes: one skipped step is within the tolerance
+    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+    state = module.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(v, state[f"student.{k}"]) for k, v in before.items())  # steps 0, 2, 3 trained
+
+
+class _Poison(L.Callback):
+    """After optimiser step ``at``, a NaN in one student weight (a non-finite update the guard cannot see
+    beforehand); with ``save``, then a checkpoint to it (over the good one written at step 0)."""
+
+    def __init__(self, at: int, save=None):
+        self.at, self.save = at, save
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == 0 and self.save is not None:
+            trainer.save_checkpoint(self.save)
+        if batch_idx == self.at:
+            with torch.no_grad():
+                module.student["backbone"].vit.cls_token[0, 0, 0] = math.nan
+            if self.save is not None:
+                trainer.save_checkpoint(self.save)
+
+
+def test_nonfinite_weights_never_finish_nor_replace_a_checkpoint(tmp_path):
+    module = _module()
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"at the end of training.*student.backbone.vit.cls_token"
+    ):
+        cpu_trainer(2, callbacks=[_Poison(at=1)]).fit(module, _loader(2))
+
+    ckpt = tmp_path / "last.ckpt"
+    with pytest.raises(NonFiniteWeightsError, match="when saving a checkpoint"):
+        cpu_trainer(3, callbacks=[_Poison(at=1, save=ckpt)]).fit(_module(), _loader(3))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 1  # still the step-0 save, and finite
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
 def test_skipped_step_leaves_weights_untouched():

@@ -50,3 +50,13 @@ def test_single_layer_head_and_bad_depth():
     assert DINOHead(in_dim=8, out_dim=10, bottleneck_dim=4, nlayers=1)(torch.randn(3, 8)).shape == (3, 10)
     with pytest.raises(ValueError, match="nlayers"):
         DINOHead(in_dim=8, nlayers=0)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("out_dim", 0), ("hidden_dim", 0), ("bottleneck_dim", -1), ("out_dim", 2.5), ("nlayers", True)],
+)
+def test_head_sizes_must_be_positive_ints(key, value):
+    """A clear error naming the size, not one from deep inside weight_norm or nn.Linear (or none at all)."""
+    with pytest.raises(ValueError, match=f"DINOHead: {key} must be a positive int, got {value!r}"):
+        DINOHead(**{"in_dim": 8, "out_dim": 10, "hidden_dim": 16, "bottleneck_dim": 4, key: value})

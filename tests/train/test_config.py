@@ -85,3 +85,25 @@ def test_fp16_precision_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ConfigValidationError, match="trainer.precision=16-mixed: fp16 needs a GradScaler"):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_numbers_are_refused_naming_the_key(tmp_path):
+    """hydra parses inf/-inf/nan overrides to floats: they fit `float` but would make the weights NaN."""
+    out = tmp_path / "run"
+    nonfinite = ["optim.lr=inf", "method.student_temp=nan", "model.backbone.drop_path_rate=-inf"]
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={out}", *nonfinite])
+    with pytest.raises(ConfigValidationError) as err:
+        run(cfg)
+    for override in nonfinite:
+        assert f"{override}: must be finite" in str(err.value)
+    assert not out.exists()
+
+
+def test_head_sizes_must_be_positive_ints(tmp_path):
+    overrides = ["model.head.out_dim=0", "model.head.nlayers=-1"]
+    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    msg = str(err.value)
+    assert "model.head.out_dim=0: must be a positive int (ssl_path.models.DINOHead)" in msg
+    assert "model.head.nlayers=-1: must be a positive int" in msg
