@@ -11,6 +11,7 @@ same command, or a requeued job, continues the run exactly) and fits. ``main`` o
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +37,7 @@ from ssl_path.method import (
     PeriodicCheckpoint,
     synthetic_batch,
 )
+from ssl_path.safe_load import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ TOP_LEVEL = {
     "experiment_name": str,
     "seed": int,
     "resume": bool,
+    "overwrite": bool,
     "ckpt_path": str | None,
     "float32_matmul_precision": str,
 }
@@ -117,14 +121,100 @@ def _persistent_id(path: Path) -> str:
     return run_id
 
 
+# what Lightning's fit(ckpt_path=...) reads from a checkpoint: a file without them cannot be resumed
+RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
+
+
+def resume_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (corrupt, not a Lightning checkpoint), or ``None`` if intact.
+
+    One extra load per candidate, memory-mapped (tensors are not read). A file that would run code is
+    not "corrupt": ``UnsafeCheckpointError`` propagates and the run is refused.
+    """
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except CorruptCheckpointError as err:
+        return str(err)
+    except FileNotFoundError:  # moved aside by rank 0 meanwhile
+        return f"{path} does not exist"
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    return f"{path} lacks {missing}, which a Lightning checkpoint has" if missing else None
+
+
+def snapshots(checkpoint_dir: Path) -> list[Path]:
+    """``step-N.ckpt`` files of ``checkpoint_dir``, newest step first."""
+    found = [p for p in checkpoint_dir.glob("step-*.ckpt") if p.stem[len("step-") :].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem[len("step-") :]), reverse=True)
+
+
 def resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
-    """``cfg.ckpt_path`` if set, else ``<run_dir>/checkpoints/last.ckpt`` if ``cfg.resume`` and it exists."""
+    """``cfg.ckpt_path`` if set, else (``cfg.resume``) the newest intact checkpoint of ``checkpoint_dir``.
+
+    ``last.ckpt`` first; if it is corrupt (or missing while snapshots exist) the newest intact
+    ``step-N.ckpt``, with a warning naming both; the corrupt file is moved aside, never deleted, so
+    the next save of last.ckpt does not replace it. No intact checkpoint: refused, not a fresh start.
+    """
     if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).is_file():
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
+        problem = resume_problem(path)
+        if problem is not None:
+            raise CorruptCheckpointError(f"ckpt_path={cfg.ckpt_path} cannot be resumed from: {problem}")
+        return str(path)
     last = checkpoint_dir / PeriodicCheckpoint.LAST
-    return str(last) if cfg.resume and last.is_file() else None
+    older = snapshots(checkpoint_dir)
+    if not cfg.resume or not (last.is_file() or older):
+        return None
+    problem = resume_problem(last) if last.is_file() else f"{last} does not exist"
+    if problem is None:
+        return str(last)
+    for snapshot in older:
+        if resume_problem(snapshot) is None:
+            kept = _move_aside(last) if last.is_file() else None
+            log.warning(
+                "!!! %s cannot be resumed from (%s); resuming from the newest intact snapshot %s instead%s",
+                last, problem, snapshot, f"; the broken file is kept as {kept}" if kept else "",
+            )  # fmt: skip
+            return str(snapshot)
+    raise CorruptCheckpointError(
+        f"no intact checkpoint to resume from in {checkpoint_dir}: {problem}; snapshots tried: "
+        f"{[p.name for p in older] or 'none'}. Restore a checkpoint there, or start over with "
+        "resume=false overwrite=true (moves these files aside) or another hydra.run.dir"
+    )
+
+
+def _move_aside(path: Path) -> Path | None:
+    """``path`` -> ``<path>.corrupt-<time>`` (rank 0 only; other ranks just read the snapshot)."""
+    if rank_zero_only.rank != 0:
+        return None
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(target)
+    return target
+
+
+def fresh_start(cfg: DictConfig, checkpoint_dir: Path) -> None:
+    """With ``resume=false``: refuse a checkpoint dir that holds checkpoints, unless ``overwrite=true``,
+    which first moves the whole dir aside to ``<dir>.old-<time>`` (never deletes a checkpoint)."""
+    held = sorted(p.name for p in checkpoint_dir.glob("*.ckpt")) if checkpoint_dir.is_dir() else []
+    if not held:
+        return
+    if not cfg.overwrite:
+        raise ConfigValidationError(
+            f"resume=false, but {checkpoint_dir} holds checkpoints ({', '.join(held[:4])}"
+            f"{', ...' if len(held) > 4 else ''}) that this run would overwrite. Either start elsewhere "
+            "(hydra.run.dir=<another dir>), or add overwrite=true to move them aside first "
+            f"(to {checkpoint_dir.name}.old-<time>/), or drop resume=false to continue that run"
+        )
+    if cfg.ckpt_path and checkpoint_dir.resolve() in Path(cfg.ckpt_path).resolve().parents:
+        raise ConfigValidationError(
+            f"ckpt_path={cfg.ckpt_path} lies in {checkpoint_dir}, which overwrite=true would move aside; "
+            "copy it elsewhere first or use another hydra.run.dir"
+        )
+    if rank_zero_only.rank == 0:
+        target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint_dir.rename(target)
+        log.warning("overwrite=true: moved the previous checkpoints %s aside to %s", held, target)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
@@ -153,6 +243,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"trainer.precision={cfg.trainer.precision}: fp16 needs a GradScaler, whose own skip flag and "
             "scaled gradients clash with the module's clipping and non-finite guard; use bf16-mixed or 32"
         )
+    if cfg.overwrite and cfg.resume:
+        raise ConfigValidationError(
+            "overwrite=true: only with resume=false (it moves the run dir's checkpoints aside for a "
+            "fresh start); resume=true continues from them"
+        )
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
@@ -160,6 +255,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # the EMA teacher is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+    checkpoint_dir = Path(_checkpoint_dir(callbacks, run_dir))
+    if not cfg.resume:
+        fresh_start(cfg, checkpoint_dir)  # before anything that could write into the run dir
+    ckpt = resume_path(cfg, checkpoint_dir)  # a bad checkpoint fails here, before data and model set-up
     for callback in callbacks:
         if isinstance(callback, GracefulStop):
             callback.install()  # before data and model set-up: a signal now stops after step 1, not kills
@@ -167,7 +266,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg, run_dir))
-    ckpt = resume_path(cfg, Path(_checkpoint_dir(callbacks, run_dir)))
     log.info("run dir %s; %s", run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
     # our checkpoints hold only tensors and plain types: resume with weights_only loading
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
@@ -177,7 +275,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "signal": None if stop is None else stop.received,
         "global_step": trainer.global_step,
         "run_dir": str(run_dir),
-        "checkpoint": str(Path(_checkpoint_dir(callbacks, run_dir)) / PeriodicCheckpoint.LAST),
+        "checkpoint": str(checkpoint_dir / PeriodicCheckpoint.LAST),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
     }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from ssl_path.models import Backbone, create_backbone, export_filter, load_pretrained
+from ssl_path.safe_load import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,19 @@ _TRAIN_ONLY = {
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint on CPU, ``weights_only=True`` unless it cannot be.
+    """A Lightning checkpoint on CPU, read with ``weights_only=True`` and nothing else.
 
-    A checkpoint whose hyper-parameters hold arbitrary Python objects needs the full unpickler;
-    that is only done for a file the user named, with a warning.
+    A checkpoint that would need the full unpickler is refused (``UnsafeCheckpointError`` names the
+    type): the full unpickler runs whatever code the file names, and ssl-path-train never writes
+    such a file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        log.warning("%s is not loadable with weights_only=True (%s); loading it in full", path, err)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        raise CorruptCheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return dict(ckpt)
 
 
 def _as_container(obj: Any) -> Any:

@@ -23,6 +23,7 @@ import functools
 import importlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -120,13 +121,19 @@ def timm_config(
 
 
 def write_export(backbone: Backbone, config: Mapping[str, Any], out_dir: str | Path) -> Path:
-    """Write weights and config into ``out_dir`` under temporary names, then rename (never torn)."""
+    """Write weights and config into ``out_dir`` under temporary names, then rename (never torn).
+
+    safetensors writes through a private temp file (mode 0600); the weights get the mode that the
+    umask gives ``config.json``, so whoever may read the config may read the weights too.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in export_filter(backbone.state_dict()).items()}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        Path(tmp, CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        weights, cfg_file = Path(tmp, WEIGHTS_NAME), Path(tmp, CONFIG_NAME)
+        save_file(state, weights, metadata={"format": "pt"})
+        cfg_file.write_text(json.dumps(config, indent=2) + "\n")
+        weights.chmod(stat.S_IMODE(cfg_file.stat().st_mode))
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(os.path.join(tmp, name), out_dir / name)
     return out_dir / WEIGHTS_NAME

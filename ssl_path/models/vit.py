@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_path.models.block import DINOBlock
 from ssl_path.models.drop_path import SUBSET_MIN_RATE, TensorRateDropPath
 from ssl_path.models.packed import pack, unpack
+from ssl_path.safe_load import load_checkpoint
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 
@@ -356,7 +357,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)  # weights_only; a file that needs more is refused, naming the type
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), Mapping):
             state = state[key]

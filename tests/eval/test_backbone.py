@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from ssl_path.eval.backbone import complete_spec, load_backbone, resolve_checkpoint, teacher_state_dict
 from ssl_path.eval.export import export_backbone
 from ssl_path.models import create_backbone
+from ssl_path.safe_load import CorruptCheckpointError, UnsafeCheckpointError
 from tests.eval.helpers import fake_lightning_checkpoint
 
 
@@ -76,3 +79,39 @@ def test_exported_safetensors_loads_back(tmp_path):
     (tmp_path / "export" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_backbone(path)
+
+
+class _Payload:
+    """Unpickling calls ``os.system("touch <marker>")``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_file_and_type(tmp_path):
+    fake_lightning_checkpoint(tmp_path / "good.ckpt")
+    ckpt = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    marker = tmp_path / "marker"
+    ckpt["hyper_parameters"]["payload"] = _Payload(marker)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_backbone(tmp_path / "bad.ckpt")
+    assert not marker.exists()  # no fallback to the full unpickler
+    msg = str(err.value)
+    assert f"{tmp_path / 'bad.ckpt'} is refused" in msg and f"{os.system.__module__}.system" in msg
+    assert "never unpickles code" in msg and "weights_only=False" not in msg
+    torch.load(tmp_path / "bad.ckpt", weights_only=False)  # control: the payload is live
+    assert marker.exists()
+
+
+def test_a_torn_or_garbage_checkpoint_is_a_clear_error(tmp_path):
+    fake_lightning_checkpoint(tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "torn.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint" * 64)
+    for name in ("torn.ckpt", "junk.ckpt"):
+        with pytest.raises(CorruptCheckpointError, match=f"{tmp_path / name} is not a readable checkpoint"):
+            load_backbone(tmp_path / name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import timm
@@ -100,3 +102,13 @@ def test_export_starts_continued_pretraining(exported):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(student(x)["cls"], teacher(x)["cls"])
+
+
+def test_exported_files_get_the_same_permissions_from_the_umask(tmp_path):
+    old = os.umask(0o027)  # neither the 0600 of a private temp file nor the usual 0644
+    try:
+        path = export_backbone(None, tmp_path / "out", model="vit_tiny")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    assert modes == {"config.json": 0o640, "model.safetensors": 0o640}
