@@ -33,10 +33,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from ssl_path.cli.train import build_module
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.engine.throughput import peak_flops_per_device
 from ssl_path.method import DINOv2Module
-from ssl_path.method.synthetic import synthetic_batch
-from ssl_path.method.throughput import peak_flops_per_device
-from ssl_path.train import build_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -28,11 +28,11 @@ from hydra.utils import instantiate
 from sklearn.model_selection import StratifiedKFold
 
 from ssl_path import CONFIG_DIR
+from ssl_path.cli.train import build_module
 from ssl_path.eval.datasets import ImageDataset, load_tile_set
 from ssl_path.eval.features import extract_features
 from ssl_path.eval.probes import classification_metrics, knn_predict
 from ssl_path.eval.transforms import eval_transform
-from ssl_path.train import build_module
 
 DEFAULT_TILES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiles" / "kather2016-100"
 

@@ -20,8 +20,10 @@ from ssl_path.data.manifest import (
 )
 from ssl_path.data.masking import block_mask, mask_indices, sample_masks
 from ssl_path.data.stream import DataSkipWarning, MultiCropStream, SkipCounter, TileStream
+from ssl_path.data.synthetic import synthetic_batch
 
 __all__ = [
+    "synthetic_batch",
     "DataSkipWarning",
     "DecodeError",
     "ManifestError",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ssl_path.models import Backbone, create_backbone, export_filter, load_pretrained
-from ssl_path.safe_load import CorruptCheckpointError, load_checkpoint
+from ssl_path.models.io import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 

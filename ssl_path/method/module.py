@@ -30,20 +30,20 @@ from torch import nn
 
 from ssl_path import losses as L_
 from ssl_path.data.masking import mask_indices
-from ssl_path.method.ema import ema_update
-from ssl_path.method.health import PlateauMonitor, health_metrics
-from ssl_path.method.nonfinite import (
+from ssl_path.engine.nonfinite import (
     NonFiniteGuard,
     NonFiniteWeightsError,
     apply_found_inf,
     clear_found_inf,
     nonfinite_tensors,
 )
+from ssl_path.engine.parallel import parallelize
+from ssl_path.engine.rng import get_rng_state, set_rng_state
+from ssl_path.engine.throughput import peak_flops_per_device
+from ssl_path.method.ema import ema_update
+from ssl_path.method.health import PlateauMonitor, health_metrics
 from ssl_path.method.optim import OptimConfig, build_optimizer
-from ssl_path.method.parallel import parallelize
-from ssl_path.method.rng import get_rng_state, set_rng_state
 from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
-from ssl_path.method.throughput import peak_flops_per_device
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DINOv2Module(L.LightningModule):
             masked crops: with mask probability 0.5, twice the ``dinov2`` term); ``losses.ibot``.
         max_nonfinite_steps: consecutive non-finite steps (loss, gradient norm, or a non-finite lr /
             weight decay / momentum) tolerated (skipped and counted) before raising; the device-side
-            counters are read on logging steps and at the end (method/nonfinite.py). Non-finite
+            counters are read on logging steps and at the end (engine/nonfinite.py). Non-finite
             student or teacher weights are never tolerated: a checkpoint of them is refused and the
             run ends with ``NonFiniteWeightsError`` instead of finishing.
         compile_blocks: ``torch.compile`` each transformer block in place (keeps state-dict keys).
@@ -193,37 +193,25 @@ class DINOv2Module(L.LightningModule):
         self.set_global_batch_size(self.batch_size * world)
 
     def configure_model(self) -> None:
-        if self.compile_blocks:
-            self._compile_blocks()
+        """Compile blocks (``compile_blocks``) and, under ``ModelParallelStrategy``, shard with FSDP2."""
         mesh = self.device_mesh  # set by ModelParallelStrategy (configs/trainer/fsdp.yaml), else None
         if mesh is not None:
             dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
             if dp_mesh.size() != mesh.size():
                 raise ValueError("FSDP here is data-parallel only: set strategy.tensor_parallel_size=1")
-            policy = getattr(self.trainer.strategy, "mp_policy", None)  # DataParallelFSDP.param_dtype
-            for model in (self.student, self.teacher):
-                parallelize(model, dp_mesh, mp_policy=policy)
+            mesh = dp_mesh
+        policy = getattr(self.trainer.strategy, "mp_policy", None) if mesh is not None else None
+        options = self.compile_options if self.compile_blocks else None
+        for model in (self.student, self.teacher):
+            parallelize(model, mesh, mp_policy=policy, compile_options=options)
+        if mesh is not None:
             for name in ("dino_center", "ibot_center"):  # plain buffers outside the sharded modules
                 if hasattr(self, name):
                     getattr(self, name).to(self.trainer.strategy.root_device)
 
-    def _compile_blocks(self) -> None:
-        blocks = [b for m in (self.student, self.teacher) for b in m["backbone"].vit.blocks]
-        for block in blocks:
-            block.compile(**self.compile_options)  # in place: state-dict keys stay free of "_orig_mod."
-        # All blocks share Block.forward's code, so dynamo keys one cache on it: a graph per (crop shape,
-        # train/eval, grad mode), shared by every block because drop-path rates are buffers
-        # (models/drop_path.py): teacher, student global and student local crops make 3. Subset drop path
-        # on a ramp (rates > 0.1 differ per block) needs a graph per rate and shape: the limit covers it,
-        # since past it a block would silently run eager.
-        dynamo = torch._dynamo.config
-        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        n_student = len(self.student["backbone"].vit.blocks)
-        setattr(dynamo, name, max(getattr(dynamo, name), 2 * n_student + 8))
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # never trainer.estimated_stepping_batches here: it breaks dataloader state restore (Lightning #20550)
-        # fused on CPU and CUDA: it takes the non-finite skip flag on the device (see method/nonfinite.py)
+        # fused on CPU and CUDA: it takes the non-finite skip flag on the device (see engine/nonfinite.py)
         return build_optimizer(self.student, self.optim, use_fused=self.device.type in ("cpu", "cuda"))
 
     def train(self, mode: bool = True) -> DINOv2Module:
@@ -484,7 +472,7 @@ class DINOv2Module(L.LightningModule):
         for key, value in (batch.get("data_stats") or {}).items():
             if isinstance(value, int | float) or (torch.is_tensor(value) and value.numel() == 1):
                 metrics[f"data/{key}"] = float(value)
-        # no prog_bar metric: Lightning reads those at every batch end (method/progress.py shows the loss)
+        # no prog_bar metric: Lightning reads those at every batch end (engine/progress.py shows the loss)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.batch_size)
         if "dino" in losses:
             self._check_plateau(losses["dino"], health)

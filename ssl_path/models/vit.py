@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_path.models.block import DINOBlock
 from ssl_path.models.drop_path import SUBSET_MIN_RATE, TensorRateDropPath
+from ssl_path.models.io import load_checkpoint
 from ssl_path.models.packed import pack, unpack
-from ssl_path.safe_load import load_checkpoint
 
 __all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
 

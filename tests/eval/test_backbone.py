@@ -10,7 +10,7 @@ import torch
 from ssl_path.eval.backbone import complete_spec, load_backbone, resolve_checkpoint, teacher_state_dict
 from ssl_path.eval.export import export_backbone
 from ssl_path.models import create_backbone
-from ssl_path.safe_load import CorruptCheckpointError, UnsafeCheckpointError
+from ssl_path.models.io import CorruptCheckpointError, UnsafeCheckpointError
 from tests.eval.helpers import fake_lightning_checkpoint
 
 

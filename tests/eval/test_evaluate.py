@@ -23,9 +23,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from ssl_path.cli.evaluate import run, tile_sets
 from ssl_path.eval.report import read_csv
 from ssl_path.eval.transforms import eval_transform
-from ssl_path.evaluate import run, tile_sets
 from tests.eval.helpers import fake_lightning_checkpoint
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -168,7 +168,7 @@ def test_named_sets_and_the_command_line_root_are_both_evaluated(kather_dir):
 
 
 def test_cli_needs_a_backbone_and_a_dataset(tmp_path, kather_dir):
-    env_cmd = [sys.executable, "-m", "ssl_path.evaluate", f"output={tmp_path}"]
+    env_cmd = [sys.executable, "-m", "ssl_path.cli.evaluate", f"output={tmp_path}"]
     res = subprocess.run([*env_cmd, f"data.root={kather_dir}"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "give a checkpoint, a model preset, or both" in res.stderr
     with pytest.raises(ValueError, match="no dataset to evaluate"):

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
+from ssl_path.cli.evaluate import run
 from ssl_path.eval.report import read_csv
 from ssl_path.eval.transforms import eval_transform
-from ssl_path.evaluate import run
 from tests.eval.test_evaluate import _recompute, compose_eval, small_tile_set
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def smoke_run(tiled_root, kather_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("smoke")
     mini = small_tile_set(kather_dir, tmp / "mini", per_class=3)
     run_dir = tmp / "run"
-    _cli("ssl_path.train", [
+    _cli("ssl_path.cli.train", [
         "experiment=smoke", f"data.root={tiled_root}", "data.batch_size=2", "model.head.out_dim=128",
         "model.head.hidden_dim=64", "model.head.bottleneck_dim=32", "logger=csv", "trainer.max_steps=4",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks=eval",
@@ -86,7 +86,7 @@ def test_smoke_checkpoint_eval_table_and_recomputation(smoke_run, kather_dir, tm
 
 def test_smoke_checkpoint_exports_to_timm_with_the_same_features(smoke_run, kather_dir, tmp_path):
     _cli(
-        "ssl_path.export",
+        "ssl_path.cli.export",
         [f"checkpoint={smoke_run}", f"output={tmp_path / 'export'}"],
         tmp_path / "export.log",
     )

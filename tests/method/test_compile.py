@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ssl_path.method import DINOv2Module, synthetic_batch
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.method import DINOv2Module
 from tests.method.tiny import tiny_module
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_path.method import OptimConfig, synthetic_batch
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.method import OptimConfig
 from ssl_path.method.module import build_schedules
 from ssl_path.method.param_groups import param_groups
 from ssl_path.models import DINOHead, create_backbone, list_backbones

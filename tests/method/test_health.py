@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ssl_path.method import synthetic_batch
+from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.method.health import (
     PlateauMonitor,
     cls_std,

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ssl_path.method import DINOv2Module, NonFiniteLossError, OptimConfig, synthetic_batch
-from ssl_path.method.nonfinite import NonFiniteWeightsError
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.engine import NonFiniteLossError
+from ssl_path.engine.nonfinite import NonFiniteWeightsError
+from ssl_path.method import DINOv2Module, OptimConfig
 from tests.method.tiny import cpu_trainer, tiny_module
 
 B = 2

@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-from ssl_path.method import DINOv2Module, synthetic_batch
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.method import DINOv2Module
 from tests.method.tiny import cpu_trainer, tiny_module
 
 aten = torch.ops.aten

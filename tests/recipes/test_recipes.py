@@ -33,8 +33,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_path.cli.train import INJECTED, TOP_LEVEL, build_module
 from ssl_path.config_validation import validate_config
-from ssl_path.train import INJECTED, TOP_LEVEL, build_module
 from tests.recipes.shallow import preset_arch
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""ssl_path.requeue: the hydra callback that hands a gracefully stopped submitit job back to submitit.
+"""ssl_path.engine.preemption.SubmititRequeue: hands a gracefully stopped submitit job back to submitit.
 
 The end-to-end path (USR1 -> GracefulStop -> SubmititRequeue -> scontrol requeue -> resume) runs in
 ``test_sweep.py`` on the real cluster; these check its guards without one. ``submitit``'s handler is
@@ -14,7 +14,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from ssl_path.requeue import REQUEUE_FAILED_EXIT, SubmititRequeue
+from ssl_path.engine.preemption import REQUEUE_FAILED_EXIT, SubmititRequeue
 
 CFG = OmegaConf.create({})
 

@@ -49,7 +49,7 @@ def sweep(tmp_path_factory, slurm_env, tiled_root):
     cmd = [
         PYTHON,
         "-m",
-        "ssl_path.train",
+        "ssl_path.cli.train",
         "-m",
         "+launcher=slurm",
         "experiment=scaling_smoke",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ssl_path.tile import CONFIG_DIR, all_failed, run
+from ssl_path.cli.tile import CONFIG_DIR, all_failed, run
 from ssl_path.tiling import TilingConfig, find_slides
 
 TILE_BIN = Path(sys.executable).with_name("ssl-path-tile")

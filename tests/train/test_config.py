@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
+from ssl_path.cli.train import INJECTED, TOP_LEVEL, run
 from ssl_path.config_validation import ConfigValidationError, validate_config
-from ssl_path.train import INJECTED, TOP_LEVEL, run
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

@@ -64,7 +64,7 @@ def test_short_learn_cpu_run_leaves_the_ln_k_plateau(small_tiles, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     env.pop("SLURM_JOB_ID", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "ssl_path.train", *args],
+        [sys.executable, "-m", "ssl_path.cli.train", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

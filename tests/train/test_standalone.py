@@ -2,7 +2,7 @@
 
 import torch
 
-from ssl_path.train import build_standalone
+from ssl_path.cli.train import build_standalone
 from tests.train.test_config import _compose
 
 

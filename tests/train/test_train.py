@@ -1,4 +1,4 @@
-"""End to end through the real CLI (``python -m ssl_path.train``) on shards tiled from the real slides.
+"""End to end through the real CLI (``python -m ssl_path.cli.train``) on shards tiled from the real slides.
 
 * SIGTERM -> checkpoint at the next step, exit 0; restart; SIGKILL at an arbitrary later step; restart:
   the final student, teacher, optimiser and data-stream state are bit-identical to an uninterrupted run.
@@ -52,7 +52,7 @@ def _start(args: list[str], log: Path, console_script: bool = False) -> subproce
     cmd = (
         [str(Path(sys.executable).parent / "ssl-path-train")]
         if console_script
-        else [sys.executable, "-m", "ssl_path.train"]
+        else [sys.executable, "-m", "ssl_path.cli.train"]
     )
     return subprocess.Popen(
         [*cmd, *args], cwd=REPO, env=_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT

@@ -24,9 +24,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from ssl_path.cli.train import run
 from ssl_path.config_validation import ConfigValidationError
-from ssl_path.safe_load import CorruptCheckpointError
-from ssl_path.train import run
+from ssl_path.models.io import CorruptCheckpointError
 from tests.train.test_train import REPO, _env, _step, _tiny
 
 BIN = Path(sys.executable).parent
@@ -209,7 +209,7 @@ def test_corrupt_last_ckpt_falls_back_to_the_newest_intact_snapshot(trained, til
     last.write_bytes(truncated)  # torn
     step4.write_bytes(os.urandom(4096))  # garbage: the newest snapshot is not intact either
     cfg = _compose(tiled_root, run_dir, ["trainer.max_steps=3"])
-    with caplog.at_level(logging.WARNING, logger="ssl_path.train"):
+    with caplog.at_level(logging.WARNING, logger="ssl_path.cli.train"):
         summary = run(cfg)
     assert summary["global_step"] == 3  # resumed at step 2 (else it would have run 3 fresh steps)
     warning = next(r.getMessage() for r in caplog.records if "cannot be resumed from" in r.getMessage())

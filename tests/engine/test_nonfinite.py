@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from ssl_path.method import OptimConfig, synthetic_batch
-from ssl_path.method.nonfinite import NonFiniteGuard, NonFiniteLossError, apply_found_inf, nonfinite_tensors
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.engine.nonfinite import NonFiniteGuard, NonFiniteLossError, apply_found_inf, nonfinite_tensors
+from ssl_path.method import OptimConfig
 from tests.method.test_sync_free import SyncRecorder
 from tests.method.tiny import tiny_module
 

@@ -1,9 +1,11 @@
-"""FSDP2 sharding of the student and the teacher (``torch.distributed.fsdp.fully_shard``).
+"""Compile and FSDP2 sharding of the student and the teacher: one ``parallelize`` per model.
 
-Order as in DINOv3 (``dinov3/fsdp/ac_compile_parallelize.py``): blocks are compiled in place first
-(``DINOv2Module.configure_model``), then every transformer block is sharded on its own, then each
-backbone and head as a root. The teacher is sharded exactly like the student, so the EMA runs on
-matching local shards (``ema.ema_update`` uses ``DTensor.to_local``). Public APIs only.
+Order as in DINOv3 (``dinov3/fsdp/ac_compile_parallelize.py``): activation checkpointing first (set
+when the student is built, ``DINOv2Module(activation_checkpointing=True)``, so it holds with or without
+this function), then each transformer block is compiled in place, then every block is sharded on its
+own (``torch.distributed.fsdp.fully_shard``), then each backbone and head as a root. The teacher is
+sharded exactly like the student, so the EMA runs on matching local shards (``ema.ema_update`` uses
+``DTensor.to_local``). Public APIs only.
 
 Used under Lightning's ``ModelParallelStrategy`` (``configs/trainer/fsdp.yaml``), whose device mesh
 ``DINOv2Module.configure_model`` receives; data-parallel size = world size (pure FSDP, no TP).
@@ -12,6 +14,7 @@ Used under Lightning's ``ModelParallelStrategy`` (``configs/trainer/fsdp.yaml``)
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -22,30 +25,54 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 def parallelize(
     model: nn.ModuleDict,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None = None,
     reshard_after_forward: bool = True,
     mp_policy: MixedPrecisionPolicy | None = None,
+    compile_options: dict[str, Any] | None = None,
 ) -> None:
-    """Shard ``model`` (``backbone``, ``dino_head``, ``ibot_head``) in place over ``mesh``.
+    """Compile (``compile_options`` given) and shard (``mesh`` given) ``model`` in place.
 
     Args:
-        model: a student or teacher ``nn.ModuleDict`` as built by ``DINOv2Module``.
-        mesh: 1-D data-parallel device mesh (``ModelParallelStrategy.device_mesh["data_parallel"]``).
+        model: a student or teacher ``nn.ModuleDict`` (``backbone``, ``dino_head``, ``ibot_head``) as
+            built by ``DINOv2Module``.
+        mesh: 1-D data-parallel device mesh (``ModelParallelStrategy.device_mesh["data_parallel"]``);
+            ``None``: no sharding.
         reshard_after_forward: free gathered block weights after forward (ZeRO-3); ``False`` keeps
             them until backward (ZeRO-2: faster, more memory).
         mp_policy: FSDP2 mixed precision, e.g. bf16 parameters for compute and all-gathers with fp32
             gradient reduction (the sharded master weights, AdamW and the EMA stay fp32).
+        compile_options: ``block.compile(**compile_options)`` for every transformer block, in place, so
+            state-dict keys stay free of ``_orig_mod.``; ``None``: eager.
     """
+    blocks = model["backbone"].vit.blocks
+    if compile_options is not None:
+        for block in blocks:
+            block.compile(**compile_options)
+        _allow_a_graph_per_block(len(blocks))
+    if mesh is None:
+        return
     kw = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kw["mp_policy"] = mp_policy
-    backbone = model["backbone"]
-    for block in backbone.vit.blocks:
+    for block in blocks:
         fully_shard(block, **kw)
-    fully_shard(backbone, **kw)
+    fully_shard(model["backbone"], **kw)
     heads = {id(m): m for m in (model["dino_head"], model["ibot_head"])}  # the iBOT head may be shared
     for head in heads.values():
         fully_shard(head, **kw)
+
+
+def _allow_a_graph_per_block(n_blocks: int) -> None:
+    """Raise dynamo's recompile limit so that no compiled block silently falls back to eager.
+
+    All blocks share ``Block.forward``'s code, so dynamo keys one cache on it: a graph per (crop shape,
+    train/eval, grad mode), shared by every block because drop-path rates are buffers
+    (models/drop_path.py): teacher, student global and student local crops make 3. Subset drop path on
+    a ramp (rates > 0.1 differ per block) needs a graph per rate and shape: the limit covers it.
+    """
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * n_blocks + 8))
 
 
 class DataParallelFSDP(ModelParallelStrategy):

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from ssl_path.method.checkpointing import AtomicCheckpointIO
+from ssl_path.engine.checkpointing import AtomicCheckpointIO
 
 
 def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
@@ -33,13 +33,13 @@ def test_signal_while_starting_stops_after_the_first_step(tmp_path):
     import os
     import signal
 
-    from ssl_path.method import GracefulStop
+    from ssl_path.engine import GracefulStop
     from tests.method.test_module import _loader, _module
     from tests.method.tiny import cpu_trainer
 
     before = signal.getsignal(signal.SIGUSR1)
     stop = GracefulStop(status_path=str(tmp_path / "status.json"))
-    stop.install()  # what ssl_path.train does right after building the callbacks
+    stop.install()  # what ssl_path.cli.train does right after building the callbacks
     os.kill(os.getpid(), signal.SIGUSR1)
     trainer = cpu_trainer(5, callbacks=[stop])
     trainer.fit(_module(), _loader(5))

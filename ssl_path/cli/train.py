@@ -29,15 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_path import CONFIG_DIR
 from ssl_path.config_validation import ConfigValidationError, validate_config
 from ssl_path.data import default_local_crop_size
-from ssl_path.method import (
-    AtomicCheckpointIO,
-    DINOv2Module,
-    GracefulStop,
-    LossProgressBar,
-    PeriodicCheckpoint,
-    synthetic_batch,
-)
-from ssl_path.safe_load import CorruptCheckpointError, load_checkpoint
+from ssl_path.data.synthetic import synthetic_batch
+from ssl_path.engine import AtomicCheckpointIO, GracefulStop, LossProgressBar, PeriodicCheckpoint
+from ssl_path.method import DINOv2Module
+from ssl_path.models.io import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,29 @@
+"""The training runtime, apart from the method: checkpoint IO and cadence, preemption, the non-finite
+guard, RNG state, parallelism (compile + FSDP2), telemetry (progress bar, throughput)."""
+
+from ssl_path.engine.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
+from ssl_path.engine.nonfinite import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    apply_found_inf,
+    clear_found_inf,
+)
+from ssl_path.engine.parallel import DataParallelFSDP, parallelize
+from ssl_path.engine.preemption import GracefulStop, SubmititRequeue
+from ssl_path.engine.progress import LossProgressBar
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "DataParallelFSDP",
+    "GracefulStop",
+    "LossProgressBar",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "PeriodicCheckpoint",
+    "SubmititRequeue",
+    "apply_found_inf",
+    "clear_found_inf",
+    "parallelize",
+]
