@@ -1,14 +1,18 @@
-"""Shared fixtures: paths to the real H&E data in ``../shared/data`` and small helpers.
+"""Shared fixtures: paths to the real H&E data in ``../shared/data``, the real hydra configs composed, and
+small helpers.
 
 Every test gets its own ``tmp_path``; nothing is written under ``shared/`` (read-only in CI).
 """
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -30,6 +34,47 @@ def slides_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def kather_dir(shared_data: Path) -> Path:
     return shared_data / "tiles" / "kather2016-100"
+
+
+# --- the real config tree (ssl_path.CONFIG_DIR), as the apps compose it -----------------------------------
+def _composer(config_name: str) -> Callable[..., DictConfig]:
+    def compose_config(overrides: Sequence[str] = (), hydra_cfg: bool = False) -> DictConfig:
+        """``config_name`` with command-line style ``overrides``; ``hydra_cfg`` keeps the ``hydra`` node."""
+        from hydra import compose, initialize_config_dir
+
+        from ssl_path import CONFIG_DIR
+
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def compose_train() -> Callable[..., DictConfig]:
+    """``compose_train(overrides, hydra_cfg=False)``: the ssl-path-train config (``configs/train.yaml``)."""
+    return _composer("train")
+
+
+@pytest.fixture(scope="session")
+def compose_eval() -> Callable[..., DictConfig]:
+    """``compose_eval(overrides, hydra_cfg=False)``: the ssl-path-eval config (``configs/eval.yaml``)."""
+    return _composer("eval")
+
+
+@pytest.fixture(scope="session")
+def cfg_train_global(compose_train) -> DictConfig:
+    """The smoke experiment's training config, composed once per session; tests take ``cfg_train``."""
+    return compose_train(["experiment=smoke"])
+
+
+@pytest.fixture
+def cfg_train(cfg_train_global: DictConfig, tmp_path: Path) -> DictConfig:
+    """A copy of ``cfg_train_global`` writing into this test's ``tmp_path`` (``paths.output_dir``), as
+    ``compose_train(["experiment=smoke", f"paths.output_dir={tmp_path}"])`` returns it; free to edit."""
+    cfg = copy.deepcopy(cfg_train_global)
+    cfg.paths.output_dir = str(tmp_path)
+    return cfg
 
 
 # --- tiling (owner: tiling) -------------------------------------------------------------------------

@@ -34,15 +34,14 @@ def test_signal_while_starting_stops_after_the_first_step(tmp_path):
     import signal
 
     from ssl_path.engine import GracefulStop
-    from tests.method.test_module import _loader, _module
-    from tests.method.tiny import cpu_trainer
+    from tests.method.tiny import cpu_trainer, scheduled_module, synthetic_loader
 
     before = signal.getsignal(signal.SIGUSR1)
     stop = GracefulStop(status_path=str(tmp_path / "status.json"))
     stop.install()  # what ssl_path.cli.train does right after building the callbacks
     os.kill(os.getpid(), signal.SIGUSR1)
     trainer = cpu_trainer(5, callbacks=[stop])
-    trainer.fit(_module(), _loader(5))
+    trainer.fit(scheduled_module(), synthetic_loader(5))
     assert trainer.global_step == 1 and stop.stopped
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "stopped"
     assert signal.getsignal(signal.SIGUSR1) == before  # handlers restored after fit

@@ -15,7 +15,7 @@ from ssl_path.eval.callback import PeriodicEval
 from ssl_path.eval.protocol import ProbeConfig
 from ssl_path.eval.runner import FeatureConfig, SplitConfig
 from ssl_path.models import create_backbone
-from tests.eval.test_evaluate import small_tile_set
+from tests.eval.tiles import small_tile_set
 
 
 class TinyTeacherModule(L.LightningModule):

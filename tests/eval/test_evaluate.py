@@ -5,42 +5,33 @@ The numbers in the table must be recomputable from the saved features with sciki
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from ssl_path.cli.evaluate import run, tile_sets
 from ssl_path.eval.report import read_csv
+from ssl_path.eval.runner import FeatureConfig, SplitConfig
 from ssl_path.eval.transforms import eval_transform
 from tests.eval.helpers import fake_lightning_checkpoint
+from tests.eval.recompute import recompute
+from tests.eval.tiles import small_tile_set
 
-CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 # 112 px instead of 224 keeps the CPU forward passes of the tests 4x cheaper
 FAST = ["features.img_size=112", "features.batch_size=50", "features.device=cpu"]
 PROBES = ("knn10", "knn20", "linear")
 
 
-def compose_eval(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def random_init_run(kather_dir, tmp_path_factory):
+def random_init_run(compose_eval, kather_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_random")
     cfg = compose_eval([f"data.root={kather_dir}", f"output={out}", "model=vit_tiny", *FAST])
     return run(cfg), out
@@ -72,41 +63,6 @@ def test_random_init_table_structure(random_init_run):
     assert np.load(ds / "colour_histogram" / "features.npy").shape == (100, 512)
 
 
-def _recompute(ds: Path, model: str, per_split: list[dict]) -> dict[tuple[str, str], dict[str, float]]:
-    """Per (probe, split group) metrics from features.npy + labels.npy + splits.json, sklearn only."""
-    x, y = np.load(ds / model / "features.npy"), np.load(ds / "labels.npy")
-    info = json.loads((ds / "splits.json").read_text())
-    chosen_c = {
-        r["group"]: float(r["C"]) for r in per_split if r["model"] == model and r["probe"] == "linear"
-    }
-    recorded_k = {
-        (r["probe"], r["group"]): int(r["k"])
-        for r in per_split
-        if r["model"] == model and r["probe"].startswith("knn")
-    }
-    out = {}
-    for s in info["splits"]:
-        tr, te = np.array(s["train"]), np.array(s["test"])
-        preds = {}
-        for k in (10, 20):
-            # neighbours capped at the smallest training class (probes.knn_cap_k, on by default)
-            used = min(k, int(np.bincount(y[tr]).min()))
-            assert recorded_k[(f"knn{k}", s["group"])] == used
-            knn = KNeighborsClassifier(
-                used, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1 - d) / 0.07)
-            )
-            preds[f"knn{k}"] = knn.fit(x[tr], y[tr]).predict(x[te])
-        lin = make_pipeline(StandardScaler(), LogisticRegression(C=chosen_c[s["group"]], max_iter=1000))
-        preds["linear"] = lin.fit(x[tr], y[tr]).predict(x[te])
-        for probe, p in preds.items():
-            out[(probe, s["group"])] = {
-                "accuracy": accuracy_score(y[te], p),
-                "balanced_accuracy": balanced_accuracy_score(y[te], p),
-                "macro_f1": f1_score(y[te], p, average="macro", zero_division=0),
-            }
-    return out
-
-
 def test_numbers_are_recomputable_with_scikit_learn(random_init_run, kather_dir):
     summary, out = random_init_run
     ds = out / "kather2016-100"
@@ -116,7 +72,7 @@ def test_numbers_are_recomputable_with_scikit_learn(random_init_run, kather_dir)
     per_split = read_csv(out / "results_per_split.csv")
     for model in ("random_init", "colour_histogram"):
         with threadpool_limits(1):  # tiny fits: BLAS threads only add start-up time
-            ref = _recompute(ds, model, per_split)
+            ref = recompute(ds, model, per_split)
         for r in (r for r in per_split if r["model"] == model):
             for m in ("accuracy", "balanced_accuracy", "macro_f1"):
                 assert float(r[m]) == pytest.approx(ref[(r["probe"], r["group"])][m], abs=1e-9), (model, r)
@@ -126,16 +82,7 @@ def test_numbers_are_recomputable_with_scikit_learn(random_init_run, kather_dir)
             assert r["balanced_accuracy_std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-9)
 
 
-def small_tile_set(kather_dir: Path, dst: Path, per_class: int = 3) -> Path:
-    """The first ``per_class`` kather tiles of each class, copied (for tests that need any real set)."""
-    for cls_dir in sorted(p for p in kather_dir.iterdir() if p.is_dir()):
-        (dst / cls_dir.name).mkdir(parents=True)
-        for f in sorted(cls_dir.iterdir())[:per_class]:
-            shutil.copy(f, dst / cls_dir.name / f.name)
-    return dst
-
-
-def test_checkpoint_row_uses_teacher_and_training_normalisation(kather_dir, tmp_path):
+def test_checkpoint_row_uses_teacher_and_training_normalisation(compose_eval, kather_dir, tmp_path):
     tiles = small_tile_set(kather_dir, tmp_path / "tiles")
     mean, std = [0.7, 0.55, 0.7], [0.15, 0.2, 0.15]
     teacher = fake_lightning_checkpoint(tmp_path / "last.ckpt", mean=mean, std=std, reg_tokens=0).eval()
@@ -157,7 +104,7 @@ def test_checkpoint_row_uses_teacher_and_training_normalisation(kather_dir, tmp_
     assert rand.shape == feats.shape and not np.allclose(rand, feats)  # same architecture, other weights
 
 
-def test_named_sets_and_the_command_line_root_are_both_evaluated(kather_dir):
+def test_named_sets_and_the_command_line_root_are_both_evaluated(compose_eval, kather_dir):
     cfg = compose_eval(
         ["output=/unused", "model=vit_tiny", "eval/datasets@datasets=kather", "data.root=/x/y"]
     )
@@ -167,7 +114,7 @@ def test_named_sets_and_the_command_line_root_are_both_evaluated(kather_dir):
     assert tile_sets(cfg.datasets, cfg.data) == {"crc": "/x/y"}
 
 
-def test_cli_needs_a_backbone_and_a_dataset(tmp_path, kather_dir):
+def test_cli_needs_a_backbone_and_a_dataset(compose_eval, tmp_path, kather_dir):
     env_cmd = [sys.executable, "-m", "ssl_path.cli.evaluate", f"output={tmp_path}"]
     res = subprocess.run([*env_cmd, f"data.root={kather_dir}"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "give a checkpoint, a model preset, or both" in res.stderr
@@ -179,3 +126,18 @@ def test_cli_needs_a_backbone_and_a_dataset(tmp_path, kather_dir):
                 [f"output={tmp_path}", "model=vit_tiny", f"data.root={kather_dir}", "model_name=random_init"]
             )
         )
+
+
+def test_split_and_features_spell_out_every_default(compose_eval, compose_train):
+    """configs/eval/protocol: every field of SplitConfig and FeatureConfig visible in ssl-path-eval's config,
+    at its default; the periodic eval in training reads the same values, less the keys it does not use."""
+    cfg = compose_eval(["output=/unused"])
+    for node, cls in ((cfg.split, SplitConfig), (cfg.features, FeatureConfig)):
+        given = OmegaConf.to_container(node)
+        assert given.pop("_target_") == f"{cls.__module__}.{cls.__qualname__}"
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert given == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    periodic = compose_train(["callbacks=eval"]).callbacks.periodic_eval
+    assert periodic.split == cfg.split
+    unused = {"device", "histogram_bins"}  # features are computed where the teacher is; no histogram row
+    assert {k: v for k, v in cfg.features.items() if k not in unused} == periodic.features

@@ -19,7 +19,8 @@ from threadpoolctl import threadpool_limits
 from ssl_path.cli.evaluate import run
 from ssl_path.eval.report import read_csv
 from ssl_path.eval.transforms import eval_transform
-from tests.eval.test_evaluate import _recompute, compose_eval, small_tile_set
+from tests.eval.recompute import recompute
+from tests.eval.tiles import small_tile_set
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,7 +64,7 @@ def test_periodic_eval_logged_during_training(smoke_run):
     assert all(0.0 <= float(r["eval/kather2016-100/knn20_accuracy"]) <= 1.0 for r in rows)
 
 
-def test_smoke_checkpoint_eval_table_and_recomputation(smoke_run, kather_dir, tmp_path):
+def test_smoke_checkpoint_eval_table_and_recomputation(compose_eval, smoke_run, kather_dir, tmp_path):
     out = tmp_path / "eval"
     summary = run(
         compose_eval(
@@ -77,14 +78,16 @@ def test_smoke_checkpoint_eval_table_and_recomputation(smoke_run, kather_dir, tm
     assert np.load(ds / "smoke" / "features.npy").shape == (100, 192)
     per_split = read_csv(out / "results_per_split.csv")
     with threadpool_limits(1):
-        ref = _recompute(ds, "smoke", per_split)
+        ref = recompute(ds, "smoke", per_split)
     for r in (r for r in per_split if r["model"] == "smoke"):
         assert float(r["balanced_accuracy"]) == pytest.approx(
             ref[(r["probe"], r["group"])]["balanced_accuracy"], abs=1e-9
         )
 
 
-def test_smoke_checkpoint_exports_to_timm_with_the_same_features(smoke_run, kather_dir, tmp_path):
+def test_smoke_checkpoint_exports_to_timm_with_the_same_features(
+    compose_eval, smoke_run, kather_dir, tmp_path
+):
     _cli(
         "ssl_path.cli.export",
         [f"checkpoint={smoke_run}", f"output={tmp_path / 'export'}"],

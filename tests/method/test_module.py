@@ -12,32 +12,9 @@ from torch.utils.data import DataLoader
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine import NonFiniteLossError
 from ssl_path.engine.nonfinite import NonFiniteWeightsError
-from ssl_path.method import DINOv2Module, OptimConfig
-from tests.method.tiny import cpu_trainer, tiny_module
-
-B = 2
-
-
-def _module(**overrides) -> DINOv2Module:
-    defaults = dict(
-        optim=OptimConfig(lr=0.05, warmup_steps=1, layer_decay=0.9),
-        total_steps=4,
-        teacher_temp_warmup_steps=2,
-        freeze_last_layer_steps=2,
-        momentum_teacher=0.9,
-        momentum_teacher_end=0.9,
-    )
-    return tiny_module(backbone_kwargs={"reg_tokens": 0}, **{**defaults, **overrides})
-
-
-def _loader(n: int, poison: set[int] = frozenset()) -> DataLoader:
-    batches = []
-    for i in range(n):
-        b = synthetic_batch(B, 2, 2, 32, 16, patch_size=16, mask_probability=0.5, seed=i)
-        if i in poison:
-            b["global_crops"][0, 0, 0, 0] = float("nan")
-        batches.append(b)
-    return DataLoader(batches, batch_size=None, collate_fn=lambda x: x)
+from ssl_path.method import OptimConfig
+from tests.method.tiny import BATCH_SIZE as B
+from tests.method.tiny import cpu_trainer, scheduled_module, synthetic_loader
 
 
 class _Recorder(L.Callback):
@@ -52,11 +29,11 @@ class _Recorder(L.Callback):
 
 
 def test_teacher_is_exact_ema_once_per_optimizer_step_with_accumulation():
-    module = _module()
+    module = scheduled_module()
     teacher0 = {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
     last0 = module.student["dino_head"].last_layer.parametrizations.weight.original1.detach().clone()
     rec = _Recorder()
-    cpu_trainer(3, accumulate_grad_batches=2, callbacks=[rec]).fit(module, _loader(6))
+    cpu_trainer(3, accumulate_grad_batches=2, callbacks=[rec]).fit(module, synthetic_loader(6))
     assert len(rec.students) == 3  # 6 micro-batches, 3 optimiser steps
     expected = teacher0
     for s in rec.students:
@@ -71,9 +48,9 @@ def test_teacher_is_exact_ema_once_per_optimizer_step_with_accumulation():
 
 
 def test_schedules_reach_optimizer_and_logs():
-    module = _module()
+    module = scheduled_module()
     trainer = cpu_trainer(2)
-    trainer.fit(module, _loader(2))
+    trainer.fit(module, synthetic_loader(2))
     metrics = trainer.callback_metrics
     for key in [
         "loss/total",
@@ -102,37 +79,37 @@ def test_schedules_reach_optimizer_and_logs():
 
 
 def test_nonfinite_steps_are_skipped_then_raise():
-    module = _module(max_nonfinite_steps=2)
+    module = scheduled_module(max_nonfinite_steps=2)
     trainer = cpu_trainer(3)
     student_before = copy.deepcopy(module.student.state_dict())
-    trainer.fit(module, _loader(3, poison={0}))
+    trainer.fit(module, synthetic_loader(3, poison={0}))
     assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
     assert trainer.callback_metrics["train/nonfinite_steps"].item() == 1
     assert any(not torch.equal(v, module.student.state_dict()[k]) for k, v in student_before.items())
 
-    module = _module(max_nonfinite_steps=2)
+    module = scheduled_module(max_nonfinite_steps=2)
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 consecutive steps.*max_nonfinite_steps=2"):
-        cpu_trainer(4).fit(module, _loader(4, poison={1, 2}))
+        cpu_trainer(4).fit(module, synthetic_loader(4, poison={1, 2}))
 
 
 def test_infinite_lr_past_validation_skips_every_step_then_raises_with_the_weights_untouched():
     """optim.lr=inf: the warmup lr is NaN at step 0 and inf after. Each step is skipped before the update
     (not after it made the weights NaN), counted, and the run raises at the limit naming the lr."""
-    module = _module(optim=OptimConfig(lr=math.inf, warmup_steps=2), max_nonfinite_steps=2)
+    module = scheduled_module(optim=OptimConfig(lr=math.inf, warmup_steps=2), max_nonfinite_steps=2)
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 consecutive.*update values: \{'lr': inf"):
-        cpu_trainer(3).fit(module, _loader(3))
+        cpu_trainer(3).fit(module, synthetic_loader(3))
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_nonfinite_lr_at_one_step_skips_that_step_only():
-    module = _module()
+    module = scheduled_module()
     schedule_at = module.schedule_at
     module.schedule_at = lambda step: dataclasses.replace(
         schedule_at(step), lr=math.nan if step == 1 else 0.05
     )
     before = copy.deepcopy(module.student.state_dict())
-    cpu_trainer(4).fit(module, _loader(4))  # finishes: one skipped step is within the tolerance
+    cpu_trainer(4).fit(module, synthetic_loader(4))  # finishes: one skipped step is within the tolerance
     assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
     state = module.state_dict()
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -157,31 +134,31 @@ class _Poison(L.Callback):
 
 
 def test_nonfinite_weights_never_finish_nor_replace_a_checkpoint(tmp_path):
-    module = _module()
+    module = scheduled_module()
     with pytest.raises(
         NonFiniteWeightsError, match=r"at the end of training.*student.backbone.vit.cls_token"
     ):
-        cpu_trainer(2, callbacks=[_Poison(at=1)]).fit(module, _loader(2))
+        cpu_trainer(2, callbacks=[_Poison(at=1)]).fit(module, synthetic_loader(2))
 
     ckpt = tmp_path / "last.ckpt"
     with pytest.raises(NonFiniteWeightsError, match="when saving a checkpoint"):
-        cpu_trainer(3, callbacks=[_Poison(at=1, save=ckpt)]).fit(_module(), _loader(3))
+        cpu_trainer(3, callbacks=[_Poison(at=1, save=ckpt)]).fit(scheduled_module(), synthetic_loader(3))
     saved = torch.load(ckpt, weights_only=True)
     assert saved["global_step"] == 1  # still the step-0 save, and finite
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
 def test_skipped_step_leaves_weights_untouched():
-    module = _module()
+    module = scheduled_module()
     before_s = copy.deepcopy(module.student.state_dict())
     before_t = copy.deepcopy(module.teacher.state_dict())
-    cpu_trainer(1).fit(module, _loader(1, poison={0}))
+    cpu_trainer(1).fit(module, synthetic_loader(1, poison={0}))
     assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in before_s.items())
     assert all(torch.equal(v, module.teacher.state_dict()[k]) for k, v in before_t.items())
 
 
 def test_manual_step_without_trainer_and_softmax_centering():
-    module = _module(centering="softmax")
+    module = scheduled_module(centering="softmax")
     module.set_global_batch_size(B)
     opt = module.configure_optimizers()
     batch = synthetic_batch(B, 2, 2, 32, 16, patch_size=16)
@@ -230,7 +207,7 @@ def _ddp_worker(rank: int, dirpath, port: int) -> None:
         RANK=str(rank),
     )
     torch.set_num_threads(1)
-    module = _module(max_nonfinite_steps=3)
+    module = scheduled_module(max_nonfinite_steps=3)
     loader = DataLoader(_RankPoisonedStream(), batch_size=None, collate_fn=lambda x: x)
     cpu_trainer(3, strategy="ddp", devices=2, callbacks=[_DumpRanks(dirpath)]).fit(module, loader)
 
@@ -261,30 +238,30 @@ class _Clock(L.Callback):
 
 def test_throughput_counts_whole_optimizer_steps_with_accumulation(monkeypatch):
     """images/s = images of all micro-batches / time between logging steps, not one micro-batch's."""
-    import ssl_path.method.module as mod
+    import ssl_path.engine.throughput as mod
 
     clock = _Clock()
     monkeypatch.setattr(mod.time, "perf_counter", lambda: clock.now)
-    module = _module()
+    module = scheduled_module()
     trainer = cpu_trainer(3, accumulate_grad_batches=2, log_every_n_steps=1, callbacks=[clock])
-    trainer.fit(module, _loader(6))
+    trainer.fit(module, synthetic_loader(6))
     # 2 micro-batches of B images per optimiser step, 20 s per step
     assert float(trainer.callback_metrics["perf/images_per_s"]) == pytest.approx(2 * B / 20)
 
 
 def test_softmax_centre_moves_once_per_step_and_not_on_a_skipped_one():
     """The centre pools an optimiser step's micro-batches; one bad micro-batch drops the whole step."""
-    module = _module(centering="softmax")
-    cpu_trainer(1, accumulate_grad_batches=2).fit(module, _loader(2, poison={1}))
+    module = scheduled_module(centering="softmax")
+    cpu_trainer(1, accumulate_grad_batches=2).fit(module, synthetic_loader(2, poison={1}))
     assert module.nonfinite_total == 1
     assert torch.equal(module.dino_center.center, torch.zeros_like(module.dino_center.center))
 
-    module = _module(centering="softmax")
-    cpu_trainer(1, accumulate_grad_batches=2).fit(module, _loader(2))
+    module = scheduled_module(centering="softmax")
+    cpu_trainer(1, accumulate_grad_batches=2).fit(module, synthetic_loader(2))
     # one EMA step with the mean over both micro-batches' teacher logits
-    batches = [b for b in _loader(2)]
+    batches = [b for b in synthetic_loader(2)]
     with torch.no_grad():
-        ref = _module(centering="softmax")  # same seed: the teacher as it was during step 0
+        ref = scheduled_module(centering="softmax")  # same seed: the teacher as it was during step 0
         logits = torch.cat([ref.teacher_output(b, 0.04)["cls_logits"] for b in batches])
     expected = 0.1 * logits.mean(0)  # c = 0.9 * 0 + 0.1 * mean
     torch.testing.assert_close(module.dino_center.center, expected, rtol=1e-5, atol=1e-6)

@@ -1,5 +1,5 @@
-"""The small DINOv2Module the method tests share (vit_tiny at 32 px, 2-layer 32-prototype heads) and a quiet
-CPU Trainer to fit it with."""
+"""The small DINOv2Module the method tests share (vit_tiny at 32 px, 2-layer 32-prototype heads), a quiet
+CPU Trainer to fit it with, and seeded synthetic batches to fit it on."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import functools
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
+from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.method import DINOv2Module, OptimConfig
 from ssl_path.models import DINOHead, create_backbone
+
+BATCH_SIZE = 2  # images per batch of synthetic_loader
 
 
 def tiny_module(backbone_kwargs: dict | None = None, **overrides) -> DINOv2Module:
@@ -26,6 +30,32 @@ def tiny_module(backbone_kwargs: dict | None = None, **overrides) -> DINOv2Modul
     )
     kwargs.update(overrides)
     return DINOv2Module(**kwargs)
+
+
+def scheduled_module(**overrides) -> DINOv2Module:
+    """``tiny_module`` without registers on a 4-step schedule that a short fit runs through: layer decay 0.9,
+    teacher temperature warmup and frozen prototypes for 2 steps, teacher momentum 0.9 throughout."""
+    defaults = dict(
+        optim=OptimConfig(lr=0.05, warmup_steps=1, layer_decay=0.9),
+        total_steps=4,
+        teacher_temp_warmup_steps=2,
+        freeze_last_layer_steps=2,
+        momentum_teacher=0.9,
+        momentum_teacher_end=0.9,
+    )
+    return tiny_module(backbone_kwargs={"reg_tokens": 0}, **{**defaults, **overrides})
+
+
+def synthetic_loader(n: int, poison: set[int] = frozenset()) -> DataLoader:
+    """``n`` seeded synthetic batches of ``BATCH_SIZE`` images for ``scheduled_module`` (2 global 32 px and
+    2 local 16 px crops, half the patches masked); batches whose index is in ``poison`` hold a NaN pixel."""
+    batches = []
+    for i in range(n):
+        b = synthetic_batch(BATCH_SIZE, 2, 2, 32, 16, patch_size=16, mask_probability=0.5, seed=i)
+        if i in poison:
+            b["global_crops"][0, 0, 0, 0] = float("nan")
+        batches.append(b)
+    return DataLoader(batches, batch_size=None, collate_fn=lambda x: x)
 
 
 def cpu_trainer(max_steps: int, devices: int = 1, **kw) -> L.Trainer:

@@ -7,11 +7,13 @@ stood in for by a recorder here, because the real one runs ``scontrol requeue`` 
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ssl_path.engine.preemption import REQUEUE_FAILED_EXIT, SubmititRequeue
@@ -124,3 +126,11 @@ def test_hydra_swallows_callback_exceptions_but_not_system_exit():
     callbacks.callbacks = [Raises(SystemExit(REQUEUE_FAILED_EXIT))]
     with pytest.raises(SystemExit):
         callbacks.on_job_end(config=CFG, job_return=None)
+
+
+def test_slurm_launcher_spells_out_every_requeue_default(compose_train):
+    """``+launcher=slurm`` installs the callback with every argument visible, at the class's defaults."""
+    node = compose_train(["+launcher=slurm"], hydra_cfg=True).hydra.callbacks.requeue
+    defaults = {n: p.default for n, p in inspect.signature(SubmititRequeue).parameters.items()}
+    assert {k: v for k, v in node.items() if k != "_target_"} == defaults
+    assert isinstance(instantiate(node), SubmititRequeue)

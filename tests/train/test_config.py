@@ -1,47 +1,36 @@
 """The real config tree composes, validates before anything runs, and names the offending key."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
 from ssl_path.cli.train import INJECTED, TOP_LEVEL, run
 from ssl_path.config_validation import ConfigValidationError, validate_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _compose(overrides: list[str], hydra_cfg: bool = False):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
-
 
 @pytest.mark.parametrize(
     "overrides",
     [[], ["experiment=smoke"], ["trainer=ddp"], ["trainer=fsdp"], ["trainer=cpu"], ["logger=csv"]],
 )
-def test_configs_compose_and_validate(overrides, tmp_path):
-    cfg = _compose([*overrides, f"paths.output_dir={tmp_path}"])
+def test_configs_compose_and_validate(compose_train, overrides, tmp_path):
+    cfg = compose_train([*overrides, f"paths.output_dir={tmp_path}"])
     validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
     assert cfg.trainer.max_epochs == -1 and cfg.trainer.gradient_clip_val is None
     assert cfg.trainer.enable_checkpointing is False
 
 
-def test_unknown_key_in_yaml_is_named_with_suggestion(tmp_path):
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}"])
-    with open_dict(cfg):
-        cfg.method.student_tmp = 0.2  # as if an experiment file had the typo
+def test_unknown_key_in_yaml_is_named_with_suggestion(cfg_train):
+    with open_dict(cfg_train):
+        cfg_train.method.student_tmp = 0.2  # as if an experiment file had the typo
     with pytest.raises(ConfigValidationError) as err:
-        validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+        validate_config(cfg_train, injected=INJECTED, top_level=TOP_LEVEL)
     msg = str(err.value)
     assert "method.student_tmp: not a parameter of ssl_path.method.DINOv2Module" in msg
     assert "did you mean 'student_temp'?" in msg
 
 
-def test_wrong_type_and_missing_and_top_level(tmp_path):
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}", "optim.lr=fast", "seed=abc"])
+def test_wrong_type_and_missing_and_top_level(compose_train, tmp_path):
+    cfg = compose_train(["experiment=smoke", f"paths.output_dir={tmp_path}", "optim.lr=fast", "seed=abc"])
     with open_dict(cfg):
         del cfg.method.batch_size
         cfg.max_step = 3
@@ -54,14 +43,14 @@ def test_wrong_type_and_missing_and_top_level(tmp_path):
     assert "max_step: not a parameter of the top level of the config" in msg
 
 
-def test_cli_typo_fails_in_hydra_struct_mode():
+def test_cli_typo_fails_in_hydra_struct_mode(compose_train):
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
-        _compose(["trainer.max_stepz=5"])
+        compose_train(["trainer.max_stepz=5"])
 
 
-def test_run_fails_before_creating_anything(tmp_path):
+def test_run_fails_before_creating_anything(compose_train, tmp_path):
     out = tmp_path / "run"
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={out}", "data.root=/nonexistent"])
+    cfg = compose_train(["experiment=smoke", f"paths.output_dir={out}", "data.root=/nonexistent"])
     with open_dict(cfg):
         cfg.trainer.max_stepz = 5
     with pytest.raises(ConfigValidationError, match=r"trainer.max_stepz: .*did you mean 'max_steps'"):
@@ -69,8 +58,8 @@ def test_run_fails_before_creating_anything(tmp_path):
     assert not out.exists()
 
 
-def test_lightning_gradient_clipping_is_refused(tmp_path):
-    cfg = _compose(
+def test_lightning_gradient_clipping_is_refused(compose_train, tmp_path):
+    cfg = compose_train(
         ["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", "trainer.gradient_clip_val=1.0"]
     )
     with pytest.raises(
@@ -80,18 +69,20 @@ def test_lightning_gradient_clipping_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_fp16_precision_is_refused_before_anything_runs(tmp_path):
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", "trainer.precision=16-mixed"])
+def test_fp16_precision_is_refused_before_anything_runs(compose_train, tmp_path):
+    cfg = compose_train(
+        ["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", "trainer.precision=16-mixed"]
+    )
     with pytest.raises(ConfigValidationError, match="trainer.precision=16-mixed: fp16 needs a GradScaler"):
         run(cfg)
     assert not (tmp_path / "run").exists()
 
 
-def test_nonfinite_numbers_are_refused_naming_the_key(tmp_path):
+def test_nonfinite_numbers_are_refused_naming_the_key(compose_train, tmp_path):
     """hydra parses inf/-inf/nan overrides to floats: they fit `float` but would make the weights NaN."""
     out = tmp_path / "run"
     nonfinite = ["optim.lr=inf", "method.student_temp=nan", "model.backbone.drop_path_rate=-inf"]
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={out}", *nonfinite])
+    cfg = compose_train(["experiment=smoke", f"paths.output_dir={out}", *nonfinite])
     with pytest.raises(ConfigValidationError) as err:
         run(cfg)
     for override in nonfinite:
@@ -99,9 +90,9 @@ def test_nonfinite_numbers_are_refused_naming_the_key(tmp_path):
     assert not out.exists()
 
 
-def test_head_sizes_must_be_positive_ints(tmp_path):
+def test_head_sizes_must_be_positive_ints(compose_train, tmp_path):
     overrides = ["model.head.out_dim=0", "model.head.nlayers=-1"]
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}", *overrides])
+    cfg = compose_train(["experiment=smoke", f"paths.output_dir={tmp_path}", *overrides])
     with pytest.raises(ConfigValidationError) as err:
         validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
     msg = str(err.value)

@@ -3,11 +3,10 @@
 import torch
 
 from ssl_path.cli.train import build_standalone
-from tests.train.test_config import _compose
 
 
-def test_build_standalone_runs_a_training_step(tmp_path):
-    cfg = _compose(["experiment=smoke", f"paths.output_dir={tmp_path}", "model.head.out_dim=64"])
+def test_build_standalone_runs_a_training_step(compose_train, tmp_path):
+    cfg = compose_train(["experiment=smoke", f"paths.output_dir={tmp_path}", "model.head.out_dim=64"])
     module, optimizer, batch = build_standalone(cfg, device="cpu", batch_size=2)
     assert batch["global_crops"].shape == (4, 3, 64, 64)
     assert batch["local_crops"].shape == (4, 3, 32, 32)
