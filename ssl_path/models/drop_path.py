@@ -16,12 +16,12 @@ At DINOv2's ViT-L rate 0.3 that removes 30% of the student's block compute.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["SUBSET_MIN_RATE", "TensorRateDropPath", "subset_residual"]
+__all__ = ["SUBSET_MIN_RATE", "TensorRateDropPath", "add_drop_path", "subset_residual"]
 
 
 class TensorRateDropPath(nn.Module):
@@ -64,6 +64,24 @@ class TensorRateDropPath(nn.Module):
 # DINOv2 runs a branch on the kept samples only above this rate (below it the bookkeeping costs more
 # than the compute it saves); dinov2/layers/block.py uses the same threshold
 SUBSET_MIN_RATE = 0.1
+
+
+def add_drop_path(
+    blocks: Iterable[nn.Module], rate: float, uniform: bool = False, subset: bool = True
+) -> None:
+    """Give both residual branches of every block a :class:`TensorRateDropPath` (timm builds none).
+
+    Rates follow timm's linear ramp from 0 to ``rate`` over the blocks (``VisionTransformer``'s
+    stochastic depth decay rule, float32 as timm computes it), or DINOv2's ``drop_path_uniform``:
+    ``rate`` in every block. A block at rate 0 still gets one, so all blocks stay the same module
+    type (one compiled graph); ``subset`` only where the rate is above ``SUBSET_MIN_RATE``.
+    """
+    blocks = list(blocks)
+    rates = [rate] * len(blocks) if uniform else torch.linspace(0, rate, len(blocks), device="cpu").tolist()
+    for block, block_rate in zip(blocks, rates, strict=True):
+        block_subset = subset and round(block_rate, 6) > SUBSET_MIN_RATE  # float32 ramp: 0.1000000015
+        block.drop_path1 = TensorRateDropPath(block_rate, subset=block_subset)
+        block.drop_path2 = TensorRateDropPath(block_rate, subset=block_subset)
 
 
 def subset_residual(

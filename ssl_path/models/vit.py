@@ -1,8 +1,8 @@
-"""ViT backbones for DINOv2-style pretraining: a few registered presets handed to timm.
+"""ViT backbones for DINOv2-style pretraining: a table of presets handed to timm.
 
-We do not re-implement the ViT. Each preset is a literal dict of architecture kwargs for timm's
-``VisionTransformer`` (Dosovitskiy et al. 2021, arXiv:2010.11929), built once by
-``_create_backbone`` with DINOv2's choices (Oquab et al. 2024, arXiv:2304.07193; reference code
+We do not re-implement the ViT. Each preset is one row of :data:`PRESETS`, the architecture kwargs of
+timm's ``VisionTransformer`` (Dosovitskiy et al. 2021, arXiv:2010.11929), which ``create_backbone``
+builds with DINOv2's choices (Oquab et al. 2024, arXiv:2304.07193; reference code
 facebookresearch/dinov2 ``dinov2/models/vision_transformer.py``): LayerScale (``init_values``),
 register tokens (Darcet et al. 2024, arXiv:2309.16588), drop path, SwiGLU MLPs for the big models
 and one model for every crop size (``dynamic_img_size=True``: the positional embedding is resampled
@@ -13,64 +13,165 @@ SwiGLU-packed MLP ratio 5.3375 (timm ``hf-hub:paige-ai/Virchow``).
 
 ``Backbone`` wraps the timm model to add what self-distillation needs and timm lacks: a learnable
 iBOT ``mask_token`` that replaces masked patch embeddings before the positional embedding, and a
-dict output (``cls``, ``patch``, ``reg``). ``export_filter`` turns its state dict back into plain
-timm keys, loadable by ``timm.create_model(backbone.timm_arch, **backbone.timm_kwargs)``.
+dict output (``cls``, ``patch``, ``reg``). ``models.io.export_filter`` turns its state dict back into
+plain timm keys, loadable by ``timm.create_model(backbone.timm_arch, **backbone.timm_kwargs)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils.checkpoint
 from timm.layers import SwiGLUPacked
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_path.models.block import DINOBlock
-from ssl_path.models.drop_path import SUBSET_MIN_RATE, TensorRateDropPath
-from ssl_path.models.io import load_checkpoint
+from ssl_path.models.drop_path import TensorRateDropPath, add_drop_path
+from ssl_path.models.io import load_pretrained
 from ssl_path.models.packed import pack, unpack
 
-__all__ = ["Backbone", "BackboneOptions", "create_backbone", "export_filter", "list_backbones"]
-
-# wrappers that torch.compile / activation checkpointing / DDP put into state-dict keys
-_WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-@dataclasses.dataclass(frozen=True)
-class BackboneOptions:
-    """Training-time choices shared by every preset (the preset fixes the architecture)."""
-
-    img_size: int = 224
-    drop_path_rate: float = 0.0
-    drop_path_uniform: bool = False
-    drop_path_subset: bool = True
-    reg_tokens: int = 4
-    init_values: float | None = 1e-5
-    swiglu: bool | None = None
-    no_embed_class: bool = True
-    pretrained_path: str | None = None
+__all__ = [
+    "PRESETS",
+    "TRAINING_ONLY_KWARGS",
+    "Backbone",
+    "Preset",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+]
 
 
-_BACKBONES: dict[str, Callable[[BackboneOptions], Backbone]] = {}
+class Preset(NamedTuple):
+    """A row of :data:`PRESETS`: the architecture, as kwargs of timm's ``VisionTransformer``.
+
+    ``timm_arch`` names the timm model that, with ``Backbone.timm_kwargs``, rebuilds an export.
+    ``mlp_ratio`` is the hidden width over ``embed_dim``; for SwiGLU it counts both packed halves
+    (timm ``SwiGLUPacked``), so ``create_backbone(swiglu=...)`` can switch MLPs at equal width.
+    """
+
+    timm_arch: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    swiglu: bool = False
 
 
-def register_backbone(fn: Callable[[BackboneOptions], Backbone]) -> Callable[[BackboneOptions], Backbone]:
-    """Add a preset factory to the registry under its function name (timm's ``@register_model``)."""
-    if fn.__name__ in _BACKBONES:
-        raise ValueError(f"backbone {fn.__name__!r} registered twice")
-    _BACKBONES[fn.__name__] = fn
-    return fn
+# One line per preset (timm's model_args style), columns as in Preset:
+#   name: Preset(timm_arch, patch_size, embed_dim, depth, num_heads[, mlp_ratio, swiglu])  # trunk params
+# fmt: off
+PRESETS: dict[str, Preset] = {
+    "vit_tiny": Preset("vit_tiny_patch16_224",      16,  192, 12,  3),                       # 5.5M, CPU tests
+    "vit_s14":  Preset("vit_small_patch14_dinov2",  14,  384, 12,  6),                       # 22M, DINOv2
+    "vit_b14":  Preset("vit_base_patch14_dinov2",   14,  768, 12, 12),                       # 86M, DINOv2
+    "vit_l14":  Preset("vit_large_patch14_dinov2",  14, 1024, 24, 16),                       # 304M, UNI
+    "vit_h14":  Preset("vit_huge_patch14_224",      14, 1280, 32, 16, 5.3375,      True),    # 632M, Virchow
+    "vit_g14":  Preset("vit_giant_patch14_dinov2",  14, 1536, 40, 24, 2.66667 * 2, True),    # 1.1B, DINOv2
+    "vit_s16":  Preset("vit_small_patch16_224",     16,  384, 12,  6),                       # 22M
+    "vit_b16":  Preset("vit_base_patch16_224",      16,  768, 12, 12),                       # 86M
+    "vit_l16":  Preset("vit_large_patch16_224",     16, 1024, 24, 16),                       # 304M
+    "vit_h16":  Preset("vit_huge_patch16_gap_448",  16, 1280, 32, 16, 5.3375,      True),    # 632M, Virchow
+}
+# fmt: on
+
+# create_backbone kwargs that matter for training only (stochastic depth, the weights to start from):
+# eval and export build with these values, which give the same weights and the same eval forward
+TRAINING_ONLY_KWARGS: dict[str, Any] = {
+    "drop_path_rate": 0.0,
+    "drop_path_uniform": False,
+    "drop_path_subset": True,
+    "pretrained_path": None,
+}
+
+
+def register_backbone(name: str, preset: Preset) -> Preset:
+    """Add a preset defined outside this file (timm's ``@register_model``); a name is taken once."""
+    if name in PRESETS:
+        raise ValueError(f"backbone {name!r} registered twice")
+    PRESETS[name] = preset
+    return preset
 
 
 def list_backbones() -> list[str]:
     """Names accepted by ``create_backbone`` (tests parametrize over this, as timm's do)."""
-    return sorted(_BACKBONES)
+    return sorted(PRESETS)
+
+
+def create_backbone(
+    name: str,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    drop_path_uniform: bool = False,
+    drop_path_subset: bool = True,
+    reg_tokens: int = 4,
+    init_values: float | None = 1e-5,
+    swiglu: bool | None = None,
+    no_embed_class: bool = True,
+    pretrained_path: str | None = None,
+    **preset_overrides: Any,
+) -> Backbone:
+    """Build a preset (see ``list_backbones()``) with DINOv2's choices.
+
+    Args:
+        name: preset, e.g. ``vit_s14``.
+        img_size: size the positional embedding is stored at (other sizes are resampled).
+        drop_path_rate: stochastic depth; timm's linear ramp to this rate unless ``drop_path_uniform``.
+        drop_path_uniform: same rate in every block (DINOv2 does this for ViT-L/g).
+        drop_path_subset: blocks with a rate above 0.1 run their residual branches on the kept
+            samples only (DINOv2's efficient stochastic depth: the dropped samples cost no FLOPs).
+        reg_tokens: register tokens (0, 4 or 8 in the registers paper).
+        init_values: LayerScale init (CaiT); ``None`` disables LayerScale.
+        swiglu: ``None`` keeps the preset's MLP; ``True``/``False`` switch to SwiGLU/GELU at about
+            equal width (DINOv2 rule).
+        no_embed_class: positional embedding covers patches only; class and register tokens get
+            none (timm's layout for DINOv2-with-registers weights).
+        pretrained_path: local timm / safetensors / ssl_path backbone file to start from
+            (continued pretraining); keys are checked strictly.
+        **preset_overrides: fields of :class:`Preset` (e.g. ``depth=1`` for a toy-size run of a big
+            recipe); the caller's value wins over the preset's, as in ``timm.create_model``.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    unknown = sorted(set(preset_overrides) - set(Preset._fields))
+    if unknown:
+        raise TypeError(f"create_backbone() got unexpected keyword arguments {unknown}")
+    preset = PRESETS[name]._replace(**preset_overrides)
+    if reg_tokens < 0:
+        raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+    use_swiglu = preset.swiglu if swiglu is None else swiglu
+    # architecture only: with timm_arch this rebuilds the export (drop path and block_fn stay out)
+    timm_kwargs: dict[str, Any] = dict(
+        img_size=img_size,
+        patch_size=preset.patch_size,
+        embed_dim=preset.embed_dim,
+        depth=preset.depth,
+        num_heads=preset.num_heads,
+        mlp_ratio=_mlp_ratio(preset.embed_dim, preset.mlp_ratio, preset.swiglu, use_swiglu),
+        init_values=init_values,
+        class_token=True,
+        reg_tokens=reg_tokens,
+        no_embed_class=no_embed_class,
+        global_pool="token",
+        num_classes=0,
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+    )
+    if use_swiglu:
+        timm_kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    # DINOBlock has timm Block's weights, so the export rebuilds a plain timm ViT; timm builds no drop
+    # path (rate 0): ours holds the rate as a buffer, so compiled blocks share a graph
+    vit = VisionTransformer(**timm_kwargs, block_fn=DINOBlock)
+    if drop_path_rate > 0:
+        add_drop_path(vit.blocks, drop_path_rate, uniform=drop_path_uniform, subset=drop_path_subset)
+    backbone = Backbone(vit, timm_arch=preset.timm_arch, timm_kwargs=timm_kwargs)
+    if pretrained_path is not None:
+        load_pretrained(backbone, pretrained_path)
+    return backbone
 
 
 class Backbone(nn.Module):
@@ -80,7 +181,7 @@ class Backbone(nn.Module):
         vit: the timm model (``num_classes=0``, ``dynamic_img_size=True``), exposed as ``self.vit``
             so optimiser code can use ``vit.group_matcher()`` / ``vit.no_weight_decay()``.
         timm_arch: a timm model name that, with ``timm_kwargs``, rebuilds ``vit`` exactly.
-        timm_kwargs: the full kwargs ``vit`` was built with.
+        timm_kwargs: the architecture kwargs ``vit`` was built with (no drop path, no ``block_fn``).
 
     Shapes: ``forward(x (B, 3, H, W), masks (B, N) bool | None)`` with ``N = num_patches((H, W))``
     returns ``{"cls": (B, D), "patch": (B, N, D), "reg": (B, R, D)}`` after the final norm.
@@ -239,310 +340,3 @@ def _mlp_ratio(embed_dim: int, mlp_ratio: float, preset_swiglu: bool, swiglu: bo
         return (2 * half + 0.5) / embed_dim
     gelu_hidden = int(embed_dim * mlp_ratio) // 2 * 3 // 2  # packed SwiGLU width -> GELU width
     return (gelu_hidden + 0.5) / embed_dim
-
-
-def _drop_prob(module: nn.Module) -> float:
-    """The rate timm gave a block's drop path (``nn.Identity`` for rate 0)."""
-    return float(getattr(module, "drop_prob", 0.0))
-
-
-def _create_backbone(arch: Mapping, opts: BackboneOptions) -> Backbone:
-    """Build the timm ViT from a preset's literal ``arch`` dict and the shared training options."""
-    if opts.reg_tokens < 0:
-        raise ValueError(f"reg_tokens must be >= 0, got {opts.reg_tokens}")
-    swiglu = arch["swiglu"] if opts.swiglu is None else opts.swiglu
-    kwargs = dict(
-        img_size=opts.img_size,
-        patch_size=arch["patch_size"],
-        embed_dim=arch["embed_dim"],
-        depth=arch["depth"],
-        num_heads=arch["num_heads"],
-        mlp_ratio=_mlp_ratio(arch["embed_dim"], arch["mlp_ratio"], arch["swiglu"], swiglu),
-        init_values=opts.init_values,
-        class_token=True,
-        reg_tokens=opts.reg_tokens,
-        no_embed_class=opts.no_embed_class,
-        global_pool="token",
-        num_classes=0,
-        dynamic_img_size=True,
-        dynamic_img_pad=True,
-        drop_path_rate=0.0 if opts.drop_path_uniform else opts.drop_path_rate,
-    )
-    if swiglu:
-        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
-    # block_fn stays out of timm_kwargs: same weights as timm's Block, so exports rebuild a plain timm ViT
-    vit = VisionTransformer(**kwargs, block_fn=DINOBlock)
-    if opts.drop_path_rate > 0:
-        # timm's linear ramp (or DINOv2's `drop_path_uniform`: the same rate in every block), with the
-        # rate held as a buffer so that torch.compile'd blocks share one graph (models/drop_path.py)
-        for block in vit.blocks:
-            rate = opts.drop_path_rate if opts.drop_path_uniform else _drop_prob(block.drop_path1)
-            subset = opts.drop_path_subset and round(rate, 6) > SUBSET_MIN_RATE  # float32 ramp: 0.1000000015
-            block.drop_path1 = TensorRateDropPath(rate, subset=subset)
-            block.drop_path2 = TensorRateDropPath(rate, subset=subset)
-    backbone = Backbone(vit, timm_arch=arch["timm_arch"], timm_kwargs=kwargs)
-    if opts.pretrained_path is not None:
-        load_pretrained(backbone, opts.pretrained_path)
-    return backbone
-
-
-def create_backbone(
-    name: str,
-    img_size: int = 224,
-    drop_path_rate: float = 0.0,
-    drop_path_uniform: bool = False,
-    drop_path_subset: bool = True,
-    reg_tokens: int = 4,
-    init_values: float | None = 1e-5,
-    swiglu: bool | None = None,
-    no_embed_class: bool = True,
-    pretrained_path: str | None = None,
-) -> Backbone:
-    """Build a registered preset (see ``list_backbones()``).
-
-    Args:
-        name: preset, e.g. ``vit_s14``.
-        img_size: size the positional embedding is stored at (other sizes are resampled).
-        drop_path_rate: stochastic depth; timm's linear ramp to this rate unless ``drop_path_uniform``.
-        drop_path_uniform: same rate in every block (DINOv2 does this for ViT-L/g).
-        drop_path_subset: blocks with a rate above 0.1 run their residual branches on the kept
-            samples only (DINOv2's efficient stochastic depth: the dropped samples cost no FLOPs).
-        reg_tokens: register tokens (0, 4 or 8 in the registers paper).
-        init_values: LayerScale init (CaiT); ``None`` disables LayerScale.
-        swiglu: ``None`` keeps the preset's MLP; ``True``/``False`` switch to SwiGLU/GELU at about
-            equal width (DINOv2 rule).
-        no_embed_class: positional embedding covers patches only; class and register tokens get
-            none (timm's layout for DINOv2-with-registers weights).
-        pretrained_path: local timm / safetensors / ssl_path backbone file to start from
-            (continued pretraining); keys are checked strictly.
-    """
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    opts = BackboneOptions(
-        img_size=img_size,
-        drop_path_rate=drop_path_rate,
-        drop_path_uniform=drop_path_uniform,
-        drop_path_subset=drop_path_subset,
-        reg_tokens=reg_tokens,
-        init_values=init_values,
-        swiglu=swiglu,
-        no_embed_class=no_embed_class,
-        pretrained_path=pretrained_path,
-    )
-    return _BACKBONES[name](opts)
-
-
-def export_filter(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Backbone (or training-checkpoint) state dict -> plain timm ``VisionTransformer`` keys.
-
-    Keeps the keys under ``prefix`` (e.g. ``"teacher.backbone."`` in a Lightning checkpoint's
-    ``state_dict``), strips wrapper prefixes left by ``torch.compile``, activation checkpointing and
-    DDP, drops ``vit.`` and the ``mask_token`` (not part of a timm ViT).
-    """
-    out = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        key = key[len(prefix) :].removeprefix("module.")  # DDP
-        for wrapper in _WRAPPER_INFIXES:
-            key = key.replace(wrapper, "")
-        if key == "mask_token":
-            continue
-        out[key.removeprefix("vit.")] = value
-    return out
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = load_checkpoint(path)  # weights_only; a file that needs more is refused, naming the type
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
-    return dict(state)
-
-
-def load_pretrained(backbone: Backbone, path: str | Path) -> None:
-    """Initialise ``backbone`` from a local file: our exported/backbone keys, timm keys or DINOv2's.
-
-    Classifier ``head.*`` keys are ignored; everything else must match exactly (missing or
-    unexpected keys raise, naming them). timm's ``checkpoint_filter_fn`` converts original DINOv2
-    checkpoints and resamples positional/patch embeddings to this model's grid.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained_path {path} does not exist")
-    raw = _read_state_dict(path)
-    mask_token = raw.get("mask_token", raw.get("vit.mask_token"))
-    if any(k.startswith("vit.") for k in raw):
-        raw = export_filter(raw)  # ours: drop the wrapper prefix (and the mask token, kept above)
-    state = checkpoint_filter_fn(raw, backbone.vit)  # DINOv2 key names, pos-embed resampling
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        missing, unexpected = backbone.vit.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{path} does not fit backbone {backbone.timm_arch}: {err}") from err
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the backbone: missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}"
-        )
-    if mask_token is not None:
-        with torch.no_grad():
-            backbone.mask_token.copy_(mask_token.reshape(-1))
-
-
-# --- presets: the whole body is a literal dict of the architecture ---------------------------------
-
-
-@register_backbone
-def vit_tiny(opts: BackboneOptions) -> Backbone:
-    """ViT-Ti/16 (5.7M): CPU tests and smoke runs."""
-    arch = dict(
-        timm_arch="vit_tiny_patch16_224",
-        patch_size=16,
-        embed_dim=192,
-        depth=12,
-        num_heads=3,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_s14(opts: BackboneOptions) -> Backbone:
-    """ViT-S/14 (22M), DINOv2's smallest."""
-    arch = dict(
-        timm_arch="vit_small_patch14_dinov2",
-        patch_size=14,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_b14(opts: BackboneOptions) -> Backbone:
-    """ViT-B/14 (86M)."""
-    arch = dict(
-        timm_arch="vit_base_patch14_dinov2",
-        patch_size=14,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_l14(opts: BackboneOptions) -> Backbone:
-    """ViT-L/14 (304M), e.g. UNI."""
-    arch = dict(
-        timm_arch="vit_large_patch14_dinov2",
-        patch_size=14,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_h14(opts: BackboneOptions) -> Backbone:
-    """ViT-H/14 as in Virchow (632M): SwiGLU-packed MLP, ratio 5.3375."""
-    arch = dict(
-        timm_arch="vit_huge_patch14_224",
-        patch_size=14,
-        embed_dim=1280,
-        depth=32,
-        num_heads=16,
-        mlp_ratio=5.3375,
-        swiglu=True,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_g14(opts: BackboneOptions) -> Backbone:
-    """ViT-g/14 (1.1B), DINOv2's giant: SwiGLU hidden 4096 per half."""
-    arch = dict(
-        timm_arch="vit_giant_patch14_dinov2",
-        patch_size=14,
-        embed_dim=1536,
-        depth=40,
-        num_heads=24,
-        mlp_ratio=2.66667 * 2,
-        swiglu=True,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_s16(opts: BackboneOptions) -> Backbone:
-    """ViT-S/16 (22M)."""
-    arch = dict(
-        timm_arch="vit_small_patch16_224",
-        patch_size=16,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_b16(opts: BackboneOptions) -> Backbone:
-    """ViT-B/16 (86M)."""
-    arch = dict(
-        timm_arch="vit_base_patch16_224",
-        patch_size=16,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_l16(opts: BackboneOptions) -> Backbone:
-    """ViT-L/16 (304M)."""
-    arch = dict(
-        timm_arch="vit_large_patch16_224",
-        patch_size=16,
-        embed_dim=1024,
-        depth=24,
-        num_heads=16,
-        mlp_ratio=4.0,
-        swiglu=False,
-    )
-    return _create_backbone(arch, opts)
-
-
-@register_backbone
-def vit_h16(opts: BackboneOptions) -> Backbone:
-    """ViT-H/16 with Virchow's SwiGLU-packed MLP (632M)."""
-    arch = dict(
-        timm_arch="vit_huge_patch16_gap_448",
-        patch_size=16,
-        embed_dim=1280,
-        depth=32,
-        num_heads=16,
-        mlp_ratio=5.3375,
-        swiglu=True,
-    )
-    return _create_backbone(arch, opts)

@@ -1,4 +1,5 @@
-"""Efficient stochastic depth: subset residuals keep the expectation and cut the FLOPs."""
+"""Stochastic depth: the rate-as-buffer module, timm's rates, subset residuals that keep the
+expectation and cut the FLOPs."""
 
 import pytest
 import timm
@@ -7,7 +8,33 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_path.models import create_backbone, export_filter
 from ssl_path.models.block import DINOBlock
-from ssl_path.models.drop_path import subset_residual
+from ssl_path.models.drop_path import SUBSET_MIN_RATE, TensorRateDropPath, subset_residual
+
+
+def test_drop_path_statistics_and_eval_identity():
+    torch.manual_seed(0)
+    dp = TensorRateDropPath(0.25).train()
+    out = dp(torch.ones(20000, 3))
+    kept = out[:, 0] != 0
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.02)
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.75))  # expectation preserved
+    assert torch.equal(out[:, 0], out[:, 1])  # one draw per sample, not per element
+    x = torch.randn(4, 5)
+    assert dp.eval()(x) is x
+    assert "keep_prob" not in dp.state_dict()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_ramped_rates_are_timms_and_every_block_gets_ours(rate):
+    with torch.device("meta"):
+        ours = create_backbone("vit_tiny", drop_path_rate=rate)
+        ref = timm.create_model("vit_tiny_patch16_224", drop_path_rate=rate)
+    timm_rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in ref.blocks]  # timm: Identity at rate 0
+    for block, timm_rate in zip(ours.vit.blocks, timm_rates, strict=True):
+        for dp in (block.drop_path1, block.drop_path2):  # one module per branch, also at rate 0
+            assert isinstance(dp, TensorRateDropPath) and dp.drop_prob == timm_rate
+            assert dp.subset == (round(timm_rate, 6) > SUBSET_MIN_RATE)
+    assert all(isinstance(b.drop_path1, torch.nn.Identity) for b in create_backbone("vit_tiny").vit.blocks)
 
 
 def test_subset_residual_changes_exactly_the_kept_samples_scaled_by_b_over_keep():

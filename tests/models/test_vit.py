@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import group_parameters
 
-from ssl_path.models import DINOHead, create_backbone, export_filter, list_backbones
+from ssl_path.models import PRESETS as TABLE
+from ssl_path.models import (
+    TRAINING_ONLY_KWARGS,
+    DINOHead,
+    Preset,
+    create_backbone,
+    export_filter,
+    list_backbones,
+    register_backbone,
+)
 from ssl_path.models.drop_path import TensorRateDropPath
 
 PRESETS = [
@@ -34,9 +45,45 @@ def tiny():
 
 
 def test_registry_lists_every_preset():
-    assert list_backbones() == sorted(PRESETS)
+    assert list_backbones() == sorted(PRESETS) == sorted(TABLE)
     with pytest.raises(ValueError, match="vit_s14"):
         create_backbone("vit_unknown")
+
+
+def test_callers_kwargs_win_over_the_preset():
+    with torch.device("meta"):
+        shallow = create_backbone("vit_l14", depth=2, drop_path_rate=0.3, drop_path_uniform=True)
+    assert len(shallow.vit.blocks) == shallow.timm_kwargs["depth"] == 2
+    assert shallow.embed_dim == 1024 and shallow.patch_size == 14  # the rest is the preset's
+    assert TABLE["vit_l14"].depth == 24 and shallow.timm_arch == TABLE["vit_l14"].timm_arch
+    with pytest.raises(TypeError, match="depht"):
+        create_backbone("vit_tiny", depht=2)
+
+
+def test_training_only_kwargs_leave_the_weights_and_eval_forward():
+    params = inspect.signature(create_backbone).parameters
+    assert all(params[k].default == v for k, v in TRAINING_ONLY_KWARGS.items())
+    torch.manual_seed(0)
+    train = create_backbone("vit_tiny", img_size=32, drop_path_rate=0.3).eval()
+    torch.manual_seed(0)
+    plain = create_backbone("vit_tiny", img_size=32, **TRAINING_ONLY_KWARGS).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(train(x)["cls"], plain(x)["cls"], rtol=0, atol=0)
+    assert train.timm_kwargs == plain.timm_kwargs  # the architecture, as exported
+
+
+def test_register_backbone():
+    preset = Preset("vit_tiny_patch16_224", patch_size=16, embed_dim=64, depth=1, num_heads=2)
+    try:
+        register_backbone("vit_test", preset)
+        assert "vit_test" in list_backbones()
+        with torch.device("meta"):
+            assert create_backbone("vit_test").embed_dim == 64
+        with pytest.raises(ValueError, match="registered twice"):
+            register_backbone("vit_test", preset)
+    finally:
+        TABLE.pop("vit_test", None)
 
 
 @pytest.mark.parametrize("name", PRESETS)
