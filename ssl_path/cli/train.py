@@ -28,6 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_path import CONFIG_DIR
 from ssl_path.config_validation import ConfigValidationError, validate_config
+from ssl_path.contracts import (
+    CHECKPOINT_DIR,
+    CKPT_STATE_DICT,
+    LAST_CHECKPOINT,
+    SNAPSHOT_GLOB,
+    WANDB_ID_FILE,
+    snapshot_step,
+)
 from ssl_path.data import default_local_crop_size
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine import AtomicCheckpointIO, GracefulStop, LossProgressBar, PeriodicCheckpoint
@@ -101,7 +109,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
             continue
         kwargs: dict[str, Any] = {}
         if str(node._target_).endswith("WandbLogger") and node.get("id") is None:
-            kwargs["id"] = _persistent_id(run_dir / "wandb_id.txt")
+            kwargs["id"] = _persistent_id(run_dir / WANDB_ID_FILE)
         loggers.append(instantiate(node, **kwargs))
         log.info("logger %s -> %s", name, node._target_)
     return loggers
@@ -117,7 +125,7 @@ def _persistent_id(path: Path) -> str:
 
 
 # what Lightning's fit(ckpt_path=...) reads from a checkpoint: a file without them cannot be resumed
-RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "global_step")
+RESUME_KEYS = (CKPT_STATE_DICT, "optimizer_states", "loops", "global_step")
 
 
 def resume_problem(path: Path) -> str | None:
@@ -138,8 +146,8 @@ def resume_problem(path: Path) -> str | None:
 
 def snapshots(checkpoint_dir: Path) -> list[Path]:
     """``step-N.ckpt`` files of ``checkpoint_dir``, newest step first."""
-    found = [p for p in checkpoint_dir.glob("step-*.ckpt") if p.stem[len("step-") :].isdigit()]
-    return sorted(found, key=lambda p: int(p.stem[len("step-") :]), reverse=True)
+    steps = {p: snapshot_step(p.name) for p in checkpoint_dir.glob(SNAPSHOT_GLOB)}
+    return sorted((p for p, step in steps.items() if step is not None), key=steps.__getitem__, reverse=True)
 
 
 def resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
@@ -157,7 +165,7 @@ def resume_path(cfg: DictConfig, checkpoint_dir: Path) -> str | None:
         if problem is not None:
             raise CorruptCheckpointError(f"ckpt_path={cfg.ckpt_path} cannot be resumed from: {problem}")
         return str(path)
-    last = checkpoint_dir / PeriodicCheckpoint.LAST
+    last = checkpoint_dir / LAST_CHECKPOINT
     older = snapshots(checkpoint_dir)
     if not cfg.resume or not (last.is_file() or older):
         return None
@@ -270,7 +278,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "signal": None if stop is None else stop.received,
         "global_step": trainer.global_step,
         "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint_dir / PeriodicCheckpoint.LAST),
+        "checkpoint": str(checkpoint_dir / LAST_CHECKPOINT),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
     }
 
@@ -279,7 +287,7 @@ def _checkpoint_dir(callbacks: list, run_dir: Path) -> str:
     for c in callbacks:
         if isinstance(c, PeriodicCheckpoint):
             return str(c.dirpath)
-    return str(run_dir / "checkpoints")
+    return str(run_dir / CHECKPOINT_DIR)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,4 +1,4 @@
-"""From B decoded tiles to the batch contract (docs/interfaces.md), on the CPU or half-way for the GPU.
+"""From B decoded tiles to the batch contract (``contracts.Batch``), on the CPU or half-way for the GPU.
 
 CPU path (in the DataLoader worker): crops, photometric ops, masks -> final batch.
 GPU path (``device_augment=True``): the worker only decodes, draws every random parameter and the
@@ -10,11 +10,13 @@ with the same call in the same order, so a seed gives the same augmentation eith
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_path.contracts import Batch
 from ssl_path.data.augment import MultiCropConfig, crops_cpu, crops_device, sample_params
 from ssl_path.data.masking import mask_indices, sample_masks
 
@@ -48,7 +50,9 @@ class MultiCropCollate:
         )
         self.grid = (cfg.global_crop_size // patch_size,) * 2
 
-    def __call__(self, tiles: list[torch.Tensor], rng: np.random.Generator) -> dict:
+    def __call__(self, tiles: list[torch.Tensor], rng: np.random.Generator) -> dict[str, Any]:
+        """A :class:`Batch` but for ``data_stats`` (the stream adds it); on the GPU path ``tiles`` and
+        ``tile_params`` in place of the crops, until :func:`finish_on_device`."""
         cfg, m = self.cfg, self.masking
         hw = np.array([[t.shape[1], t.shape[2]] for t in tiles], dtype=np.int64)
         params = sample_params(rng, cfg, hw)
@@ -87,11 +91,11 @@ def pad_tiles(tiles: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.pad(t, (0, w - t.shape[2], 0, h - t.shape[1])) for t in tiles])
 
 
-def finish_on_device(batch: dict, cfg: MultiCropConfig) -> dict:
+def finish_on_device(batch: dict[str, Any], cfg: MultiCropConfig) -> Batch:
     """GPU half of ``device_augment``: swap ``tiles``/``tile_params`` for the crops, on the tiles' device."""
     tiles = batch.pop("tiles")
     params = batch.pop("tile_params")
     batch["global_crops"] = crops_device(tiles, params["global"], cfg.global_crop_size, cfg)
     if "local" in params:
         batch["local_crops"] = crops_device(tiles, params["local"], cfg.local_crop_size, cfg)
-    return batch
+    return cast(Batch, batch)

@@ -1,6 +1,6 @@
 """``SSLDataModule``: tiers, the resumable multi-crop stream, GPU augmentation and the stream state.
 
-The batch contract is in docs/interfaces.md. Resume: every batch carries its stream cursor; the
+The batch contract is ``contracts.Batch``. Resume: every batch carries its stream cursor; the
 main process records the cursor of each *consumed* batch (``on_before_batch_transfer`` runs once per
 training step, on the batch being trained on) and the number of consumed batches K. ``state_dict``
 returns those integers for every rank (gathered with ``all_gather_object`` when torch.distributed
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ssl_path.contracts import Batch
 from ssl_path.data.augment import MultiCropConfig
 from ssl_path.data.collate import MaskingConfig, MultiCropCollate, finish_on_device
 from ssl_path.data.manifest import load_manifest, select_shards, select_slides
@@ -140,7 +142,7 @@ class SSLDataModule(L.LightningDataModule):
             persistent_workers=False,
         )
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Record the consumed batch's stream cursor and aggregate the skip counters (main process)."""
         cursor = batch.pop("_cursor", None)
         if cursor is not None:
@@ -155,11 +157,11 @@ class SSLDataModule(L.LightningDataModule):
             batch["data_stats"] = totals
         return batch
 
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> Batch:
         """GPU path: make the crops from the uint8 tiles on the device the batch now lives on."""
         if "tiles" in batch:
-            batch = finish_on_device(batch, self.augmentation)
-        return batch
+            return finish_on_device(batch, self.augmentation)
+        return cast(Batch, batch)
 
     def state_dict(self) -> dict:
         """Stream position of every rank (collective under torch.distributed: call on all ranks)."""

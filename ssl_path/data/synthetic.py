@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from ssl_path.contracts import Batch
 from ssl_path.data.masking import mask_indices
 
 
@@ -20,9 +19,9 @@ def synthetic_batch(
     mask_ratio: float = 0.3,
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> dict[str, Any]:
-    """``global_crops`` (n_g*B, 3, G, G), ``local_crops`` (n_l*B, 3, L, L), ``masks`` (n_g*B, (G/p)^2),
-    ``mask_indices`` (M,).
+) -> Batch:
+    """A :class:`~ssl_path.contracts.Batch`: ``global_crops`` (n_g*B, 3, G, G), ``local_crops``
+    (n_l*B, 3, L, L), ``masks`` (n_g*B, (G/p)^2), ``mask_indices`` (M,), empty ``data_stats``.
 
     The first ``int(n_g * B * mask_probability)`` global crops get ``mask_ratio`` of their patches
     masked at random positions (crop-major order, like ``ssl_path.data``'s collate).
@@ -35,16 +34,15 @@ def synthetic_batch(
     n_masked = max(1, int(n_patches * mask_ratio))
     for i in range(n_masked_crops):
         masks[i, torch.randperm(n_patches, generator=g)[:n_masked]] = True
-    batch: dict[str, Any] = {
-        "global_crops": torch.randn(n_crops, 3, global_crop_size, global_crop_size, generator=g),
-        "masks": masks,
-        "mask_indices": mask_indices(masks),
+    batch: Batch = {  # drawn on the CPU generator, then moved: the same values on every device
+        "global_crops": torch.randn(n_crops, 3, global_crop_size, global_crop_size, generator=g).to(device),
+        "masks": masks.to(device),
+        "mask_indices": mask_indices(masks).to(device),
         "n_global_crops": n_global_crops,
         "n_local_crops": n_local_crops,
         "data_stats": {},
     }
     if n_local_crops > 0:
-        batch["local_crops"] = torch.randn(
-            n_local_crops * batch_size, 3, local_crop_size, local_crop_size, generator=g
-        )
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        local = torch.randn(n_local_crops * batch_size, 3, local_crop_size, local_crop_size, generator=g)
+        batch["local_crops"] = local.to(device)
+    return batch

@@ -12,6 +12,7 @@ from ssl_path.engine.nonfinite import (
 from ssl_path.engine.parallel import DataParallelFSDP, parallelize
 from ssl_path.engine.preemption import GracefulStop, SubmititRequeue
 from ssl_path.engine.progress import LossProgressBar
+from ssl_path.engine.throughput import ThroughputMeter
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "PeriodicCheckpoint",
     "SubmititRequeue",
+    "ThroughputMeter",
     "apply_found_inf",
     "clear_found_inf",
     "parallelize",

@@ -21,6 +21,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ssl_path.contracts import LAST_CHECKPOINT, snapshot_name
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,7 @@ class PeriodicCheckpoint(L.Callback):
         keep_every_n_steps: period of kept snapshots (0 = none).
     """
 
-    LAST = "last.ckpt"
+    LAST = LAST_CHECKPOINT
 
     def __init__(self, dirpath: str, every_n_steps: int = 500, keep_every_n_steps: int = 0) -> None:
         super().__init__()
@@ -73,7 +75,7 @@ class PeriodicCheckpoint(L.Callback):
         return self.dirpath / self.LAST
 
     def snapshot_path(self, step: int) -> Path:
-        return self.dirpath / f"step-{step:08d}.ckpt"
+        return self.dirpath / snapshot_name(step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # a resumed run already has this step on disk

@@ -1,9 +1,11 @@
 """Load the backbone to evaluate: a training checkpoint's teacher, an exported file, or a random init.
 
-The architecture always comes from a ``create_backbone`` spec (preset name + kwargs): the model
-config saved in the Lightning checkpoint, the ``ssl_path.backbone`` entry of an export's
-``config.json``, or the ``model`` config group given on the command line (which wins when given,
-so a checkpoint without a saved config can still be read). Weights are the EMA teacher's
+The architecture always comes from a ``create_backbone`` spec (preset name + kwargs): the
+``backbone_spec`` saved in the Lightning checkpoint (see ``ssl_path.contracts``), the
+``ssl_path.backbone`` entry of an export's ``config.json``, or the ``model`` config group given on the
+command line (which wins when given, so a checkpoint without a saved spec can still be read). The
+training normalisation comes with it (``normalization`` in the checkpoint, ``pretrained_cfg`` in an
+export), so a checkpoint file needs no run directory beside it. Weights are the EMA teacher's
 (``teacher.backbone.*``), as DINO/DINOv2 evaluate the teacher.
 """
 
@@ -19,19 +21,29 @@ from typing import Any
 
 import torch
 
-from ssl_path.models import Backbone, create_backbone, export_filter, load_pretrained
+from ssl_path.contracts import (
+    CHECKPOINT_DIR,
+    CKPT_BACKBONE_SPEC,
+    CKPT_CONFIG,
+    CKPT_NORMALIZATION,
+    CKPT_STATE_DICT,
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    LAST_CHECKPOINT,
+    TEACHER_BACKBONE_PREFIX,
+    checkpoint_provenance,
+)
+from ssl_path.models import (
+    TRAINING_ONLY_KWARGS,
+    Backbone,
+    Preset,
+    create_backbone,
+    export_filter,
+    load_pretrained,
+)
 from ssl_path.models.io import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-TEACHER_PREFIX = "teacher.backbone."
-# kwargs of create_backbone that only matter for training; eval builds without them
-_TRAIN_ONLY = {
-    "drop_path_rate": 0.0,
-    "drop_path_uniform": False,
-    "drop_path_subset": True,
-    "pretrained_path": None,
-}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -76,79 +88,54 @@ def backbone_spec(model_cfg: Mapping) -> dict[str, Any]:
 
 def complete_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Every ``create_backbone`` kwarg, defaults filled in (so exports record the full architecture),
-    training-only ones neutralised; an unknown key is an error, not silently ignored."""
-    params = inspect.signature(create_backbone).parameters
-    unknown = sorted(set(spec) - set(params))
+    training-only ones neutralised (``TRAINING_ONLY_KWARGS``); preset overrides (``Preset`` fields such
+    as ``depth``) pass through; an unknown key is an error, not silently ignored."""
+    params = {
+        k: p for k, p in inspect.signature(create_backbone).parameters.items() if p.kind != p.VAR_KEYWORD
+    }
+    accepted = set(params) | set(Preset._fields)
+    unknown = sorted(set(spec) - accepted)
     if unknown:
-        raise ValueError(f"unknown create_backbone arguments {unknown}; accepted: {sorted(params)}")
+        raise ValueError(f"unknown create_backbone arguments {unknown}; accepted: {sorted(accepted)}")
     full = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return {**full, **spec, **_TRAIN_ONLY}
+    return {**full, **spec, **TRAINING_ONLY_KWARGS}
 
 
-def _find_backbone_cfg(obj: Any, depth: int = 0) -> Mapping | None:
-    """Depth-first search of a saved config for a ``backbone`` mapping with a preset ``name``."""
-    obj = _as_container(obj)
-    if depth > 6 or not isinstance(obj, Mapping):
-        return None
-    bb = obj.get("backbone")
-    if isinstance(bb, Mapping) and "name" in bb:
-        return bb
-    for value in obj.values():
-        found = _find_backbone_cfg(value, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def _saved_configs(ckpt: Mapping) -> list[Any]:
-    """Where a checkpoint may hold its run config: ``config`` (ssl-path-train), then hyper-parameters."""
-    return [_as_container(ckpt.get(key)) for key in ("config", "hyper_parameters", "cfg")]
+def saved_provenance(ckpt: Mapping) -> dict[str, Any]:
+    """The checkpoint's ``backbone_spec`` and ``normalization``; a checkpoint written before
+    ssl-path-train stored them gets them from its saved run config, by the derivation the writer uses."""
+    derived = checkpoint_provenance(_as_container(ckpt.get(CKPT_CONFIG)))
+    stored = {k: _as_container(ckpt[k]) for k in (CKPT_BACKBONE_SPEC, CKPT_NORMALIZATION) if k in ckpt}
+    return {**derived, **stored}
 
 
 def spec_from_checkpoint(ckpt: Mapping) -> dict[str, Any]:
-    """The backbone spec saved in a Lightning checkpoint: ``config.model.backbone``, else any
-    ``backbone`` mapping with a preset ``name`` found in the saved configs."""
-    for saved in _saved_configs(ckpt):
-        model = saved.get("model") if isinstance(saved, Mapping) else None
-        found = _find_backbone_cfg(model) or _find_backbone_cfg(saved)
-        if found is not None:
-            return backbone_spec(found)
-    raise ValueError(
-        "the checkpoint holds no model config (config/hyper_parameters with model.backbone.name); "
-        "pass model=<preset> to say which architecture it is"
-    )
-
-
-def _find_mean_std(obj: Any, depth: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    if depth > 6 or not isinstance(obj, Mapping):
-        return None
-    mean, std = obj.get("mean"), obj.get("std")
-    if isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3:
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    for value in obj.values():
-        found = _find_mean_std(value, depth + 1)
-        if found is not None:
-            return found
-    return None
+    """The backbone spec a Lightning checkpoint was trained with, training-only options neutralised."""
+    spec = saved_provenance(ckpt).get(CKPT_BACKBONE_SPEC)
+    if spec is None:
+        raise ValueError(
+            f"the checkpoint holds no {CKPT_BACKBONE_SPEC} (nor a run config with model.backbone.name); "
+            "pass model=<preset> to say which architecture it is"
+        )
+    return backbone_spec(spec)
 
 
 def normalisation_from_checkpoint(ckpt: Mapping) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``(mean, std)`` of the training augmentation recorded in the checkpoint's ``data`` config."""
-    for saved in _saved_configs(ckpt):
-        if isinstance(saved, Mapping) and isinstance(saved.get("data"), Mapping):
-            found = _find_mean_std(saved["data"])
-            if found is not None:
-                return found
+    """``(mean, std)`` of the training crops recorded in the checkpoint, ``None`` if it records none."""
+    norm = saved_provenance(ckpt).get(CKPT_NORMALIZATION)
+    mean, std = (norm.get("mean"), norm.get("std")) if isinstance(norm, Mapping) else (None, None)
+    if isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     return None
 
 
 def teacher_state_dict(ckpt: Mapping) -> dict[str, torch.Tensor]:
     """Teacher backbone weights of a Lightning checkpoint as ``Backbone`` keys (``vit.*``, ``mask_token``)."""
-    state = ckpt.get("state_dict", ckpt)
-    teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
+    state, prefix = ckpt.get(CKPT_STATE_DICT, ckpt), TEACHER_BACKBONE_PREFIX
+    teacher = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not teacher:
         some = ", ".join(list(state)[:5])
-        raise ValueError(f"no `{TEACHER_PREFIX}*` keys in the checkpoint's state_dict (keys start: {some})")
+        raise ValueError(f"no `{prefix}*` keys in the checkpoint's state_dict (keys start: {some})")
     mask = teacher.pop("mask_token", None)
     out = {f"vit.{k}": v for k, v in export_filter(teacher).items()}  # strips compile/DDP wrappers
     if mask is not None:
@@ -166,7 +153,7 @@ def build_backbone(spec: Mapping[str, Any], seed: int = 0) -> Backbone:
 
 def exported_config(path: Path) -> dict[str, Any]:
     """The ``config.json`` written beside an exported ``model.safetensors``."""
-    cfg_path = path.parent / "config.json"
+    cfg_path = path.parent / EXPORT_CONFIG
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: an exported backbone comes with its config.json")
     return json.loads(cfg_path.read_text())
@@ -178,10 +165,11 @@ def checkpoint_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    for candidate in (path / "model.safetensors", path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+    last = Path(CHECKPOINT_DIR, LAST_CHECKPOINT)
+    for candidate in (path / EXPORT_WEIGHTS, path / last, path / LAST_CHECKPOINT):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoints/last.ckpt")
+    raise FileNotFoundError(f"{path} holds neither {EXPORT_WEIGHTS} nor {last}")
 
 
 @dataclass(frozen=True)

@@ -33,14 +33,12 @@ import timm
 from safetensors.torch import save_file
 from torch import nn
 
+from ssl_path.contracts import EXPORT_CONFIG, EXPORT_WEIGHTS
 from ssl_path.eval.backbone import build_backbone, checkpoint_file, load_weights, resolve_checkpoint
 from ssl_path.eval.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_path.models import Backbone, export_filter
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 _ACTIVATIONS = {nn.SiLU: "silu", nn.GELU: "gelu", nn.ReLU: "relu"}
-_RUNTIME_ARGS = ("drop_rate", "drop_path_rate", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate")
 
 
 def _encode_layer(value: Any) -> dict[str, Any]:
@@ -67,8 +65,6 @@ def timm_model_args(backbone: Backbone) -> tuple[dict[str, Any], dict[str, Any]]
     by import path (``python_kwargs``)."""
     args, python = {}, {}
     for key, value in backbone.timm_kwargs.items():
-        if key in _RUNTIME_ARGS:
-            continue
         if key == "act_layer" and value in _ACTIVATIONS:
             args[key] = _ACTIVATIONS[value]  # timm's get_act_layer resolves the name
         elif callable(value):
@@ -130,13 +126,13 @@ def write_export(backbone: Backbone, config: Mapping[str, Any], out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in export_filter(backbone.state_dict()).items()}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        weights, cfg_file = Path(tmp, WEIGHTS_NAME), Path(tmp, CONFIG_NAME)
+        weights, cfg_file = Path(tmp, EXPORT_WEIGHTS), Path(tmp, EXPORT_CONFIG)
         save_file(state, weights, metadata={"format": "pt"})
         cfg_file.write_text(json.dumps(config, indent=2) + "\n")
         weights.chmod(stat.S_IMODE(cfg_file.stat().st_mode))
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in (EXPORT_WEIGHTS, EXPORT_CONFIG):
             os.replace(os.path.join(tmp, name), out_dir / name)
-    return out_dir / WEIGHTS_NAME
+    return out_dir / EXPORT_WEIGHTS
 
 
 def export_backbone(
@@ -168,11 +164,11 @@ def export_backbone(
 def create_timm_model(out_dir: str | Path) -> nn.Module:
     """Load an export with plain timm (the documented call above), in eval mode."""
     out_dir = Path(out_dir)
-    config = json.loads((out_dir / CONFIG_NAME).read_text())
+    config = json.loads((out_dir / EXPORT_CONFIG).read_text())
     model = timm.create_model(
         config["architecture"],
         pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(out_dir / WEIGHTS_NAME), num_classes=0),
+        pretrained_cfg_overlay=dict(file=str(out_dir / EXPORT_WEIGHTS), num_classes=0),
         **timm_create_kwargs(config),
     )
     return model.eval()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ssl_path import losses as L_
+from ssl_path.contracts import CKPT_CONFIG, CKPT_NONFINITE, CKPT_RNG_STATES, checkpoint_provenance
 from ssl_path.data.masking import mask_indices
 from ssl_path.engine.nonfinite import (
     NonFiniteGuard,
@@ -39,7 +39,7 @@ from ssl_path.engine.nonfinite import (
 )
 from ssl_path.engine.parallel import parallelize
 from ssl_path.engine.rng import get_rng_state, set_rng_state
-from ssl_path.engine.throughput import peak_flops_per_device
+from ssl_path.engine.throughput import ThroughputMeter
 from ssl_path.method.ema import ema_update
 from ssl_path.method.health import PlateauMonitor, health_metrics
 from ssl_path.method.optim import OptimConfig, build_optimizer
@@ -174,11 +174,10 @@ class DINOv2Module(L.LightningModule):
         self.schedules: Schedules | None = None  # needs the world size: built in setup()
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._pending_rng: dict | None = None
-        self._perf_mark: tuple[float, int] | None = None  # (time, global_step) at the last logging step
+        self._throughput = ThroughputMeter()  # images/s and MFU between logging steps
         self._logging_step = False
         self._stepped = False  # set by optimizer_step, read by on_train_batch_end
         self._center_stats: dict[str, torch.Tensor] = {}  # softmax centring: this step's logit sums
-        self._step_flops: dict[tuple, float] = {}
 
     @staticmethod
     def _build_model(backbone, head, separate_ibot_head: bool, drop_path: float | None) -> nn.ModuleDict:
@@ -297,6 +296,9 @@ class DINOv2Module(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ the step
+    # Written once, driven by Lightning's hooks (training_step, configure_gradient_clipping,
+    # optimizer_step) and by manual_step: _forward_losses (schedule, forward, losses) -> _observe (guard,
+    # centre pool) -> backward -> _clip_and_flag (clip, found_inf) -> optimizer.step -> _finish_step (EMA).
     def schedule_at(self, step: int) -> ScheduleValues:
         if self.schedules is None:
             raise RuntimeError(
@@ -322,23 +324,20 @@ class DINOv2Module(L.LightningModule):
             group["weight_decay"] = values.weight_decay * group["wd_mult"]
         self.nonfinite.observe_update(dataclasses.asdict(values), optimizer)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        values = self.schedule_at(self.global_step)
-        self.apply_optimizer_schedule(self.optimizers(use_pl_optimizer=False), values)
+    def _forward_losses(
+        self, batch: dict[str, Any], optimizer: torch.optim.Optimizer, step: int
+    ) -> tuple[ScheduleValues, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Schedule at ``step`` (into ``optimizer``), teacher and student forward, the loss terms."""
+        values = self.schedule_at(step)
+        self.apply_optimizer_schedule(optimizer, values)
         teacher = self.teacher_output(batch, values.teacher_temp)
         student = self.student_output(batch)
-        losses = self.compute_losses(student, teacher, batch)
-        # no host sync: a non-finite loss sets a device flag; backward still runs on every rank (DDP),
-        # and the fused optimiser, the EMA and the centre leave everything as it was (nonfinite.py)
-        self.nonfinite.observe(losses)
-        self._logging_step = self._logs_this_step()
-        if self._logging_step:
-            self._log_step(losses, values, batch, teacher, student)
-        self._pool_center_stats(teacher)  # applied once per optimiser step, in optimizer_step
-        return losses["total"]
+        return values, teacher, student, self.compute_losses(student, teacher, batch)
 
-    def _pool_center_stats(self, teacher: dict[str, torch.Tensor]) -> None:
-        """Softmax centring: add this micro-batch's teacher-logit sums to the step's pool."""
+    def _observe(self, losses: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> None:
+        """No host sync: a non-finite loss sets the guard's device flag (backward still runs, on every
+        rank); softmax centring pools the teacher-logit sums, applied once per step in ``_finish_step``."""
+        self.nonfinite.observe(losses)
         if self.centering != "softmax":
             return
         for name, logits in (("dino_center", teacher["cls_logits"]), ("ibot_center", teacher["ibot_logits"])):
@@ -346,35 +345,12 @@ class DINOv2Module(L.LightningModule):
             pending = self._center_stats.get(name)
             self._center_stats[name] = stats if pending is None else pending + stats
 
-    def _after_optimizer_step(self, momentum: float, skip: torch.Tensor | None) -> None:
-        """EMA teacher and softmax centres once per optimiser step, both left as they were where the
-        step's device flag ``skip`` is set; then the non-finite counters take the step."""
-        ema_update(self.teacher, self.student, momentum, skip=skip)
-        for name, stats in self._center_stats.items():
-            getattr(self, name).update_from_stats(stats, self.center_momentum, skip=skip)
-        self._center_stats = {}
-        self.nonfinite.end_step()
-
-    @property
-    def nonfinite_total(self) -> int:
-        """Optimiser steps skipped for a non-finite loss, gradient or update value (a device read)."""
-        return self.nonfinite.total
-
-    @property
-    def nonfinite_in_a_row(self) -> int:
-        return self.nonfinite.in_a_row
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
-        if gradient_clip_val is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={gradient_clip_val} is not used: set optim.clip_grad instead "
-                "(the module clips, so fused AdamW works with bf16) and leave trainer.gradient_clip_val null"
-            )
+    def _clip_and_flag(self, optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Clip, then hand the step's device skip flag to the optimiser; ``(grad_norm, found_inf)``."""
         norm = self.clip_gradients_(optimizer)
-        if norm is not None and self._logging_step:
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        apply_found_inf(optimizer, self.nonfinite.found_inf(norm))
+        found_inf = self.nonfinite.found_inf(norm)
+        apply_found_inf(optimizer, found_inf)
+        return norm, found_inf
 
     def clip_gradients_(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """Clip to ``optim.clip_grad`` (0 = none); returns the global gradient norm before clipping.
@@ -402,6 +378,55 @@ class DINOv2Module(L.LightningModule):
             return norms[0] if norms else None
         return torch.linalg.vector_norm(torch.stack(norms))
 
+    def _finish_step(self, optimizer: torch.optim.Optimizer, momentum: float) -> None:
+        """After ``optimizer.step()``: drop the flag; EMA teacher and softmax centres (both left as they
+        were where the flag is set); the guard's counters take the step."""
+        clear_found_inf(optimizer)
+        skip = self.nonfinite.step_found_inf  # None when no clipping hook ran (then nothing was found)
+        ema_update(self.teacher, self.student, momentum, skip=skip)
+        for name, stats in self._center_stats.items():
+            getattr(self, name).update_from_stats(stats, self.center_momentum, skip=skip)
+        self._center_stats = {}
+        self.nonfinite.end_step()
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Optimiser steps skipped for a non-finite loss, gradient or update value (a device read)."""
+        return self.nonfinite.total
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        return self.nonfinite.in_a_row
+
+    # ------------------------------------------------------------------ the step under Lightning
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        values, teacher, student, losses = self._forward_losses(batch, optimizer, self.global_step)
+        self._observe(losses, teacher)
+        self._logging_step = self._logs_this_step()
+        if self._logging_step:
+            self._log_step(losses, values, batch, teacher, student)
+        return losses["total"]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
+        if gradient_clip_val is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={gradient_clip_val} is not used: set optim.clip_grad instead "
+                "(the module clips, so fused AdamW works with bf16) and leave trainer.gradient_clip_val null"
+            )
+        norm, _ = self._clip_and_flag(optimizer)
+        if norm is not None and self._logging_step:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._finish_step(optimizer, self.schedule_at(step).momentum)
+        self._stepped = True
+
+    # ------------------------------------------------------------------ the step without a Trainer
     def manual_step(
         self,
         batch: dict[str, Any],
@@ -409,42 +434,27 @@ class DINOv2Module(L.LightningModule):
         step: int,
         autocast_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One full training step without a Trainer (benchmarks): the same pieces as the Lightning path.
+        """One full training step without a Trainer (benchmarks): the pieces Lightning's hooks call,
+        with the backward and the optimiser step Lightning would run, and no accumulation.
 
         Schedules at ``step`` (the prototype layers' lr is 0 while frozen) -> teacher/student forward
         (under autocast if given) -> backward -> clip -> optimiser step -> EMA. Returns the detached loss
-        terms.
+        terms, ``grad_norm`` and the device skip flag ``skipped``.
         """
-        values = self.schedule_at(step)
-        self.apply_optimizer_schedule(optimizer, values)
         with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            teacher = self.teacher_output(batch, values.teacher_temp)
-            student = self.student_output(batch)
-            losses = self.compute_losses(student, teacher, batch)
-        self.nonfinite.observe(losses)
-        self._pool_center_stats(teacher)
+            values, teacher, student, losses = self._forward_losses(batch, optimizer, step)
+        # outside autocast: bf16 centre sums here, fp32 under Lightning (its autocast wraps training_step)
+        self._observe(losses, teacher)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        grad_norm = self.clip_gradients_(optimizer)
-        found_inf = self.nonfinite.found_inf(grad_norm)
-        apply_found_inf(optimizer, found_inf)
+        grad_norm, found_inf = self._clip_and_flag(optimizer)
         optimizer.step()
-        clear_found_inf(optimizer)
-        self._after_optimizer_step(values.momentum, found_inf)
+        self._finish_step(optimizer, values.momentum)
         out = {k: v.detach() for k, v in losses.items()}
         if grad_norm is not None:
             out["grad_norm"] = grad_norm.detach()
         out["skipped"] = found_inf
         return out
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        """Lightning calls this once per optimiser step (after accumulation): the EMA goes here."""
-        step = self.global_step
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        clear_found_inf(optimizer)
-        # skip is None when no clipping hook ran (then nothing was found)
-        self._after_optimizer_step(self.schedule_at(step).momentum, self.nonfinite.step_found_inf)
-        self._stepped = True
 
     # ------------------------------------------------------------------ logging
     def _log_step(
@@ -491,9 +501,7 @@ class DINOv2Module(L.LightningModule):
             log.warning(message)
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if (
-            self._pending_rng is not None
-        ):  # after a resume: restore as late as possible (see on_load_checkpoint)
+        if self._pending_rng is not None:  # after a resume: as late as possible (see on_load_checkpoint)
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
@@ -517,32 +525,25 @@ class DINOv2Module(L.LightningModule):
             self.nonfinite.check(self.global_step)  # the only host read of the counters
         if not self._logging_step:
             return
-        # throughput over all steps since the last logging step: device work is queued asynchronously,
-        # so one step's wall time says little; the synced interval says how fast the run goes
-        now, step = time.perf_counter(), self.global_step
-        if self._perf_mark is not None and step > self._perf_mark[1]:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                now = time.perf_counter()
-            dt = (now - self._perf_mark[0]) / (step - self._perf_mark[1])
-            images = self.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-            self.log("perf/images_per_s", images / dt, on_step=True, on_epoch=False)
-            peak = peak_flops_per_device(self.device, self.trainer.precision)
-            if peak:
-                flops = self.step_flops(batch) * self.trainer.accumulate_grad_batches
-                self.log("perf/mfu", flops / dt / peak, on_step=True, on_epoch=False)
-        self._perf_mark = (now, step)
+        accumulate = self.trainer.accumulate_grad_batches
+        rates = self._throughput.update(  # perf/images_per_s, perf/mfu since the last logging step
+            self.global_step,
+            self.device,
+            images_per_step=self.batch_size * self.trainer.world_size * accumulate,
+            flops_per_step=lambda: self.step_flops(batch) * accumulate,
+            precision=self.trainer.precision,
+        )
+        if rates:
+            self.log_dict(rates, on_step=True, on_epoch=False)
 
     def step_flops(self, batch: dict[str, Any]) -> float:
-        """Training FLOPs of one step on this device: 3x forward for the student, 1x for the teacher."""
+        """Training FLOPs of one step on this device: 3x forward for the student, 1x for the teacher
+        (``Backbone.flops_per_image`` counts each crop size once and caches it)."""
         g, loc = batch["global_crops"], batch.get("local_crops")
-        key = (tuple(g.shape), None if loc is None else tuple(loc.shape))
-        if key not in self._step_flops:
-            bb = self.teacher["backbone"]
-            f_g = bb.flops_per_image(tuple(g.shape[-2:])) * g.shape[0]
-            f_l = 0 if loc is None else bb.flops_per_image(tuple(loc.shape[-2:])) * loc.shape[0]
-            self._step_flops[key] = float(3 * (f_g + f_l) + f_g)
-        return self._step_flops[key]
+        bb = self.teacher["backbone"]
+        f_g = bb.flops_per_image(tuple(g.shape[-2:])) * g.shape[0]
+        f_l = 0 if loc is None else bb.flops_per_image(tuple(loc.shape[-2:])) * loc.shape[0]
+        return float(3 * (f_g + f_l) + f_g)
 
     # ------------------------------------------------------------------ checkpoint state
     def on_train_end(self) -> None:
@@ -574,13 +575,15 @@ class DINOv2Module(L.LightningModule):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, get_rng_state())
-        checkpoint["rng_states"] = states  # one per rank
-        checkpoint["nonfinite"] = self.nonfinite.state_dict()
+        checkpoint[CKPT_RNG_STATES] = states  # one per rank
+        checkpoint[CKPT_NONFINITE] = self.nonfinite.state_dict()
         if self.run_config is not None:
-            checkpoint["config"] = self.run_config
+            checkpoint[CKPT_CONFIG] = self.run_config
+            # backbone_spec + normalization: eval and export rebuild the backbone from the file alone
+            checkpoint.update(checkpoint_provenance(self.run_config))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states") or []
+        states = checkpoint.get(CKPT_RNG_STATES) or []
         rank = self.trainer.global_rank if self._trainer is not None else 0
         if len(states) == self._world_size_or_one():
             self._pending_rng = states[rank]
@@ -590,7 +593,7 @@ class DINOv2Module(L.LightningModule):
                 len(states),
                 self._world_size_or_one(),
             )
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite", {}))
+        self.nonfinite.load_state_dict(checkpoint.get(CKPT_NONFINITE, {}))
 
     def _world_size_or_one(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1

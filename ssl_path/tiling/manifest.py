@@ -2,7 +2,8 @@
 
 Written atomically (temp file + ``os.replace``) after every finished slide, so it always describes
 shards that exist and a re-run knows which slides are done. ``update_manifest`` merges under a file
-lock, so several tilers (e.g. the tasks of a SLURM array job) can share one output folder.
+lock, so several tilers (e.g. the tasks of a SLURM array job) can share one output folder. The file
+name, schema and reader are ``ssl_path.contracts``' (the data layer reads it with the same one).
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ssl_path.contracts import MANIFEST_NAME as MANIFEST_NAME  # re-exported by ssl_path.tiling
+from ssl_path.contracts import read_manifest
 from ssl_path.tiling.config import RUNTIME_FIELDS
-
-MANIFEST_NAME = "manifest.json"
 
 
 def load_manifest(output: Path) -> dict | None:
-    """The manifest under ``output``, or ``None`` if there is none yet."""
-    path = Path(output) / MANIFEST_NAME
-    if not path.exists():
-        return None
-    with path.open() as f:
-        return json.load(f)
+    """The manifest under ``output``, validated, or ``None`` if there is none yet.
+
+    A manifest that is not JSON or breaks the schema raises ``ManifestError`` naming the file and the
+    field: merging into it would drop or misread which slides are done. Every manifest this module
+    writes passes (``build_manifest`` makes the schema's shape).
+    """
+    return read_manifest(output)
 
 
 def build_manifest(config: dict, slides: dict[str, dict], last_run: dict | None = None) -> dict:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from ssl_path.contracts import checkpoint_provenance
 from ssl_path.models import create_backbone
 
 
-def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, mean=None, std=None, **kwargs):
+def fake_lightning_checkpoint(
+    path, name="vit_tiny", with_config=True, mean=None, std=None, provenance=True, **kwargs
+):
     """Save a dict in ssl-path-train's checkpoint layout (``DINOv2Module``): student/teacher
-    ``ModuleDict``s under ``state_dict``, the resolved run config under ``config``. Returns the teacher."""
+    ``ModuleDict``s under ``state_dict``, the resolved run config under ``config`` and, derived from it
+    as ``on_save_checkpoint`` does, ``backbone_spec`` and ``normalization`` (``provenance=False``: a
+    checkpoint written before those keys existed). Returns the teacher."""
     torch.manual_seed(123)
     teacher = create_backbone(name, **kwargs)
     student = create_backbone(name, **kwargs)
@@ -28,5 +33,7 @@ def fake_lightning_checkpoint(path, name="vit_tiny", with_config=True, mean=None
                 "augmentation": {"mean": mean, "std": std},
             }
         ckpt["config"] = config
+        if provenance:
+            ckpt |= checkpoint_provenance(config)
     torch.save(ckpt, path)
     return teacher

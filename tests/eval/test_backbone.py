@@ -29,6 +29,24 @@ def test_teacher_weights_come_back_from_a_lightning_checkpoint(tmp_path):
     assert not loaded.training
 
 
+def test_spec_and_normalisation_come_from_the_file_not_the_config(tmp_path):
+    mean, std = [0.7, 0.6, 0.5], [0.2, 0.25, 0.3]
+    teacher = fake_lightning_checkpoint(tmp_path / "full.ckpt", mean=mean, std=std, reg_tokens=0)
+    ckpt = torch.load(tmp_path / "full.ckpt", weights_only=True)
+    assert ckpt["backbone_spec"] == {"name": "vit_tiny", "reg_tokens": 0}
+    assert ckpt["normalization"] == {"mean": mean, "std": std}
+    del ckpt["config"]  # backbone_spec + normalization alone suffice
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    # a checkpoint written before those keys existed: derived from its run config, the same way
+    fake_lightning_checkpoint(tmp_path / "old.ckpt", mean=mean, std=std, reg_tokens=0, provenance=False)
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("bare.ckpt", "old.ckpt"):
+        resolved = resolve_checkpoint(tmp_path / name, None)
+        assert resolved.spec == complete_spec({"name": "vit_tiny", "reg_tokens": 0})
+        assert resolved.normalisation == (tuple(mean), tuple(std))
+        assert torch.equal(_cls(load_backbone(tmp_path / name), x), _cls(teacher, x))
+
+
 def test_checkpoint_without_config_needs_the_model(tmp_path):
     teacher = fake_lightning_checkpoint(tmp_path / "c.ckpt", with_config=False)
     with pytest.raises(ValueError, match="pass model=<preset>"):
