@@ -41,7 +41,7 @@ from ssl_path.engine.parallel import parallelize
 from ssl_path.engine.rng import get_rng_state, set_rng_state
 from ssl_path.engine.throughput import ThroughputMeter
 from ssl_path.method.ema import ema_update
-from ssl_path.method.health import PlateauMonitor, health_metrics
+from ssl_path.engine.health import PlateauMonitor, health_metrics
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
 
@@ -92,7 +92,7 @@ class DINOv2Module(L.LightningModule):
         seed: base seed; rank ``r`` draws drop-path noise from ``seed + r``.
         plateau_tolerance, plateau_after_steps: warn once (``log.warning``, rank 0) when, on a logging
             step ``>= plateau_after_steps``, the DINO loss is within ``plateau_tolerance`` nats of
-            ``ln K`` (uniform collapse; ``method/health.py``); tolerance 0 disables. Not checkpointed:
+            ``ln K`` (uniform collapse; ``engine/health.py``); tolerance 0 disables. Not checkpointed:
             a resumed run may warn once more. The ``health/*`` metrics are logged either way.
     """
 

@@ -10,7 +10,7 @@ import torch
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine.nonfinite import NonFiniteGuard, NonFiniteLossError, apply_found_inf, nonfinite_tensors
 from ssl_path.method import OptimConfig
-from tests.method.test_sync_free import SyncRecorder
+from tests.helpers.sync import SyncRecorder
 from tests.method.tiny import tiny_module
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,31 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _tiny(tiled_root: Path) -> list[str]:
-    """The smoke experiment shrunk further: 2 tiles per batch, small heads, quiet output."""
-    return [
-        "experiment=smoke",
-        f"data.root={tiled_root}",
-        "data.batch_size=2",
-        "model.head.out_dim=128",
-        "model.head.hidden_dim=64",
-        "model.head.bottleneck_dim=32",
-        "logger=csv",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.log_every_n_steps=1",
-        "callbacks.checkpoint.every_n_steps=2",
-    ]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
-    env.pop("SLURM_JOB_ID", None)  # behave the same inside a CI job that itself runs under SLURM
-    env.pop("SLURM_NTASKS", None)
-    return env
+from tests.train.runs import REPO, checkpoint_step, tiny_overrides, train_env
 
 
 def _start(args: list[str], log: Path, console_script: bool = False) -> subprocess.Popen:
@@ -55,7 +30,7 @@ def _start(args: list[str], log: Path, console_script: bool = False) -> subproce
         else [sys.executable, "-m", "ssl_path.cli.train"]
     )
     return subprocess.Popen(
-        [*cmd, *args], cwd=REPO, env=_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT
+        [*cmd, *args], cwd=REPO, env=train_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT
     )
 
 
@@ -65,10 +40,6 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail(f"run did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _step(ckpt: Path) -> int:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, after_step: int, log: Path, timeout=300) -> int:
@@ -82,7 +53,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, after_step: int, lo
             )
         if ckpt.exists() and ckpt.stat().st_mtime_ns != seen:
             seen = ckpt.stat().st_mtime_ns
-            step = _step(ckpt)
+            step = checkpoint_step(ckpt)
             if step > after_step:
                 return step
         time.sleep(0.1)
@@ -118,7 +89,11 @@ def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
 @pytest.mark.slow
 def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
     steps = 12
-    common = [*_tiny(tiled_root), f"trainer.max_steps={steps}", "callbacks.checkpoint.keep_every_n_steps=4"]
+    common = [
+        *tiny_overrides(tiled_root),
+        f"trainer.max_steps={steps}",
+        "callbacks.checkpoint.keep_every_n_steps=4",
+    ]
     run_b = tmp_path / "interrupted"
     ckpt_b, log_b = run_b / "checkpoints" / "last.ckpt", tmp_path / "interrupted.log"
     b_args = [*common, f"hydra.run.dir={run_b}"]
@@ -129,7 +104,7 @@ def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert _finish(proc, log_b) == 0, log_b.read_text()[-3000:]
     status = json.loads((run_b / "status.json").read_text())
-    stopped_at = _step(ckpt_b)
+    stopped_at = checkpoint_step(ckpt_b)
     assert status == {"status": "stopped", "global_step": stopped_at, "signal": "SIGTERM"}
     assert 2 <= stopped_at < steps
 
@@ -139,7 +114,7 @@ def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
     time.sleep(0.7)
     proc.send_signal(signal.SIGKILL)
     assert _finish(proc, log_b) == -signal.SIGKILL, "the run finished before it could be killed"
-    assert stopped_at < _step(ckpt_b) < steps and killed_after < steps
+    assert stopped_at < checkpoint_step(ckpt_b) < steps and killed_after < steps
 
     # 3) same command again: resumes from last.ckpt and completes
     assert _finish(_start(b_args, log_b), log_b) == 0, log_b.read_text()[-3000:]
@@ -168,7 +143,7 @@ def test_sigterm_then_kill9_resume_is_bit_exact(tiled_root, tmp_path):
 
 def _distributed_args(tiled_root: Path, run_dir: Path, trainer: str, steps: int) -> list[str]:
     return [
-        *_tiny(tiled_root),
+        *tiny_overrides(tiled_root),
         f"trainer={trainer}",
         f"trainer.max_steps={steps}",
         "data.num_workers=0",
@@ -212,7 +187,7 @@ def test_fsdp2_matches_ddp_through_a_graceful_stop_and_resume(tiled_root, tmp_pa
     _wait_for_checkpoint(proc, ckpt, 0, log)
     proc.send_signal(signal.SIGTERM)  # reaches rank 0 only: the ranks agree on stopping via all-reduce
     assert _finish(proc, log) == 0, log.read_text()[-4000:]
-    stopped_at = _step(ckpt)
+    stopped_at = checkpoint_step(ckpt)
     assert 2 <= stopped_at < 4 and json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
     assert _finish(_start(args, log), log) == 0, log.read_text()[-4000:]
     assert "resuming from" in log.read_text()

@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from ssl_path.cli.train import run
 from ssl_path.config_validation import ConfigValidationError
 from ssl_path.models.io import CorruptCheckpointError
-from tests.train.test_train import REPO, _env, _step, _tiny
+from tests.train.runs import REPO, checkpoint_step, tiny_overrides, train_env
 
 BIN = Path(sys.executable).parent
 REFUSED = "ssl_path never unpickles code from a checkpoint"
@@ -46,12 +46,12 @@ class Payload:
 
 def _cli(script: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / script), *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        [str(BIN / script), *args], cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
 def _args(tiled_root: Path) -> list[str]:
-    return [*_tiny(tiled_root), "data.num_workers=0"]
+    return [*tiny_overrides(tiled_root), "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_resume_false_is_refused_and_overwrite_moves_the_old_checkpoints_aside(t
     assert run(cfg)["global_step"] == 2
     (old,) = run_dir.glob("checkpoints.old-*")
     assert {p.name: p.read_bytes() for p in old.iterdir()} == {k: v[0] for k, v in before.items()}
-    assert _step(ckpts / "last.ckpt") == 2 and _step(old / "last.ckpt") == 4
+    assert checkpoint_step(ckpts / "last.ckpt") == 2 and checkpoint_step(old / "last.ckpt") == 4
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]  # smoke keeps no snapshots
 
 
@@ -216,7 +216,7 @@ def test_corrupt_last_ckpt_falls_back_to_the_newest_intact_snapshot(trained, til
     assert str(last) in warning and str(step2) in warning and "newest intact snapshot" in warning
     (kept,) = ckpts.glob("last.ckpt.corrupt-*")  # moved aside, not deleted
     assert kept.read_bytes() == truncated and str(kept) in warning
-    assert _step(last) == 3 and len(step4.read_bytes()) == 4096
+    assert checkpoint_step(last) == 3 and len(step4.read_bytes()) == 4096
 
 
 def test_no_intact_checkpoint_is_refused_not_restarted(trained, tiled_root, tmp_path):

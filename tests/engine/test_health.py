@@ -1,4 +1,4 @@
-"""Health signals (method/health.py) on hand-made tensors, and the ln K plateau warning in a Trainer run."""
+"""Health signals (engine/health.py) on hand-made tensors, and the ln K plateau warning in a Trainer run."""
 
 import logging
 import math
@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_path.data.synthetic import synthetic_batch
-from ssl_path.method.health import (
+from ssl_path.engine.health import (
     PlateauMonitor,
     cls_std,
     health_metrics,
@@ -19,7 +19,7 @@ from ssl_path.method.health import (
     teacher_entropy,
     teacher_max_prob,
 )
-from tests.method.test_sync_free import SyncRecorder
+from tests.helpers.sync import SyncRecorder
 from tests.method.tiny import cpu_trainer, tiny_module
 
 K = 16
