@@ -1,4 +1,4 @@
-"""The DINOv2 method: LightningModule, schedules, parameter groups, optimiser, EMA, health metrics.
+"""The DINOv2 method: LightningModule, schedules, parameter groups, optimiser, EMA.
 
 The runtime around it (checkpoints, preemption, non-finite guard, parallelism) is ``ssl_path.engine``.
 """
