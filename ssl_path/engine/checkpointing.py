@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ssl_path.contracts import LAST_CHECKPOINT, snapshot_name
+from ssl_path.contracts import LAST_CHECKPOINT, snapshot_name, snapshot_step
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,22 @@ class PeriodicCheckpoint(L.Callback):
         dirpath: checkpoint directory (``<run_dir>/checkpoints``).
         every_n_steps: period of last.ckpt in optimiser steps (0 = only at the end).
         keep_every_n_steps: period of kept snapshots (0 = none).
+        keep_last_n: keep only the newest ``keep_last_n`` snapshots, deleting older ones after each new
+            snapshot (0 = keep all). Only ``step-N.ckpt`` files are ever deleted, never ``last.ckpt``.
     """
 
     LAST = LAST_CHECKPOINT
 
-    def __init__(self, dirpath: str, every_n_steps: int = 500, keep_every_n_steps: int = 0) -> None:
+    def __init__(
+        self, dirpath: str, every_n_steps: int = 500, keep_every_n_steps: int = 0, keep_last_n: int = 0
+    ) -> None:
         super().__init__()
+        if min(every_n_steps, keep_every_n_steps, keep_last_n) < 0:
+            raise ValueError("every_n_steps, keep_every_n_steps and keep_last_n must be >= 0")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.keep_every_n_steps = keep_every_n_steps
+        self.keep_last_n = keep_last_n
         self._last_saved_step = -1
 
     @property
@@ -114,6 +121,19 @@ class PeriodicCheckpoint(L.Callback):
                 os.link(self.last_path, target)
         else:
             trainer.save_checkpoint(target, weights_only=False)
+        if self.keep_last_n > 0 and trainer.is_global_zero:
+            self._prune_snapshots()
+
+    def _prune_snapshots(self) -> None:
+        """Delete all but the newest ``keep_last_n`` ``step-N.ckpt`` files (hard links: last.ckpt stays)."""
+        steps = sorted(s for p in self.dirpath.iterdir() if (s := snapshot_step(p.name)) is not None)
+        for step in steps[: -self.keep_last_n]:
+            log.info("keep_last_n=%d: removing snapshot %s", self.keep_last_n, snapshot_name(step))
+            self.snapshot_path(step).unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "keep_every_n_steps": self.keep_every_n_steps}
+        return {
+            "every_n_steps": self.every_n_steps,
+            "keep_every_n_steps": self.keep_every_n_steps,
+            "keep_last_n": self.keep_last_n,
+        }
