@@ -40,6 +40,7 @@ from ssl_path.data import default_local_crop_size
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine import AtomicCheckpointIO, GracefulStop, LossProgressBar, PeriodicCheckpoint
 from ssl_path.method import DINOv2Module
+from ssl_path.method.module import unsupported_trainer_setting
 from ssl_path.models.io import CorruptCheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -237,15 +238,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns ``{"status", "signal", "global_step", "run_dir", "checkpoint", "metrics"}``.
     """
     validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
-    if cfg.trainer.get("gradient_clip_val") is not None:
-        raise ConfigValidationError(
-            "trainer.gradient_clip_val: must stay null; clipping is optim.clip_grad (done by the module)"
-        )
-    if str(cfg.trainer.get("precision", "32")) in ("16", "16-mixed", "16-true"):
-        raise ConfigValidationError(
-            f"trainer.precision={cfg.trainer.precision}: fp16 needs a GradScaler, whose own skip flag and "
-            "scaled gradients clash with the module's clipping and non-finite guard; use bf16-mixed or 32"
-        )
+    problem = unsupported_trainer_setting(
+        cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("precision", "32")
+    )
+    if problem:
+        raise ConfigValidationError(problem)
     if cfg.overwrite and cfg.resume:
         raise ConfigValidationError(
             "overwrite=true: only with resume=false (it moves the run dir's checkpoints aside for a "

@@ -30,6 +30,7 @@ from torch import nn
 from ssl_path import losses as L_
 from ssl_path.contracts import CKPT_CONFIG, CKPT_NONFINITE, CKPT_RNG_STATES, checkpoint_provenance
 from ssl_path.data.masking import mask_indices
+from ssl_path.engine.health import PlateauMonitor, health_metrics
 from ssl_path.engine.nonfinite import (
     NonFiniteGuard,
     NonFiniteWeightsError,
@@ -41,7 +42,6 @@ from ssl_path.engine.parallel import parallelize
 from ssl_path.engine.rng import get_rng_state, set_rng_state
 from ssl_path.engine.throughput import ThroughputMeter
 from ssl_path.method.ema import ema_update
-from ssl_path.engine.health import PlateauMonitor, health_metrics
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
 
@@ -410,11 +410,8 @@ class DINOv2Module(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip to ``optim.clip_grad`` ourselves (works with fused AdamW under bf16) and log the norm."""
-        if gradient_clip_val is not None:
-            raise ValueError(
-                f"trainer.gradient_clip_val={gradient_clip_val} is not used: set optim.clip_grad instead "
-                "(the module clips, so fused AdamW works with bf16) and leave trainer.gradient_clip_val null"
-            )
+        if problem := unsupported_trainer_setting(gradient_clip_val=gradient_clip_val):
+            raise ValueError(problem)
         norm, _ = self._clip_and_flag(optimizer)
         if norm is not None and self._logging_step:
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
@@ -597,6 +594,22 @@ class DINOv2Module(L.LightningModule):
 
     def _world_size_or_one(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
+
+
+def unsupported_trainer_setting(gradient_clip_val: float | None = None, precision: Any = "32") -> str | None:
+    """Why a Trainer setting cannot drive this module (``None`` if it can): one rule for the train app's
+    config check and the module's own guard under a hand-built Trainer."""
+    if gradient_clip_val is not None:
+        return (
+            f"trainer.gradient_clip_val: must stay null (got {gradient_clip_val}); clipping is "
+            "optim.clip_grad, done by the module (so fused AdamW works with bf16)"
+        )
+    if str(precision) in ("16", "16-mixed", "16-true"):
+        return (
+            f"trainer.precision={precision}: fp16 needs a GradScaler, whose own skip flag and scaled "
+            "gradients clash with the module's clipping and non-finite guard; use bf16-mixed or 32"
+        )
+    return None
 
 
 def build_schedules(

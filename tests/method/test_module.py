@@ -265,3 +265,10 @@ def test_softmax_centre_moves_once_per_step_and_not_on_a_skipped_one():
         logits = torch.cat([ref.teacher_output(b, 0.04)["cls_logits"] for b in batches])
     expected = 0.1 * logits.mean(0)  # c = 0.9 * 0 + 0.1 * mean
     torch.testing.assert_close(module.dino_center.center, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_hand_built_trainer_with_gradient_clip_val_is_refused():
+    """The module clips itself; Lightning's clipping under a Trainer built outside the train app is refused
+    with the same rule the app's config check uses (method.module.unsupported_trainer_setting)."""
+    with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: must stay null \(got 1.0\)"):
+        cpu_trainer(2, gradient_clip_val=1.0).fit(scheduled_module(), synthetic_loader(2))
