@@ -14,6 +14,8 @@ import pytest
         ("ssl-path-train", "method:"),
         ("ssl-path-eval", "probes:"),
         ("ssl-path-export", "checkpoint:"),
+        ("ssl-path-embed", "embed:"),
+        ("ssl-path-mil", "mil:"),
     ],
 )
 def test_console_script_composes_its_config_outside_the_repo(tmp_path, script, key):

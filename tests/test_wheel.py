@@ -27,6 +27,8 @@ SCRIPTS = {
     "ssl-path-train": "method:",
     "ssl-path-eval": "probes:",
     "ssl-path-export": "checkpoint:",
+    "ssl-path-embed": "embed:",
+    "ssl-path-mil": "mil:",
 }
 
 

@@ -4,7 +4,17 @@ from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.grid import TileGrid, tile_grid
 from ssl_path.tiling.inputs import SLIDE_EXTENSIONS, find_slides, slide_ids, task_slides
 from ssl_path.tiling.manifest import MANIFEST_NAME, load_manifest
-from ssl_path.tiling.pipeline import TilingWarning, summary_line, tile_slide, tile_slides
+from ssl_path.tiling.pipeline import (
+    TileLayout,
+    TilingWarning,
+    open_fast_reader,
+    slide_tiles,
+    summary_line,
+    tile_layout,
+    tile_slide,
+    tile_slides,
+    tissue_mask,
+)
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import thumbnail_tissue_mask, tile_tissue_fraction
 
@@ -14,18 +24,23 @@ __all__ = [
     "SlideError",
     "SlideMpp",
     "TileGrid",
+    "TileLayout",
     "TilingConfig",
     "TilingWarning",
     "find_slides",
     "load_manifest",
+    "open_fast_reader",
     "open_slide",
     "resolve_mpp",
     "slide_ids",
+    "slide_tiles",
     "summary_line",
     "task_slides",
     "thumbnail_tissue_mask",
     "tile_grid",
+    "tile_layout",
     "tile_slide",
     "tile_slides",
     "tile_tissue_fraction",
+    "tissue_mask",
 ]

@@ -19,6 +19,7 @@ identity: re-tiling them into the same output adds them again (with the warning)
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -27,7 +28,9 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import openslide
@@ -46,6 +49,8 @@ from ssl_path.tiling.writer import SlideShardWriter
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class TilingWarning(UserWarning):
     """A slide was tiled with a caveat (mpp from objective power or fallback, no tissue found, ...)."""
@@ -60,12 +65,15 @@ def tissue_mask(slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig) -> tu
     return mask, w0 / mask.shape[1], h0 / mask.shape[0]
 
 
-def _judge(cfg: TilingConfig) -> Callable[[np.ndarray], tuple[float, bytes | None]]:
-    """Per-tile work run in the reader threads: tissue fraction, and the JPEG only for kept tiles."""
+def _judge(
+    cfg: TilingConfig, payload: Callable[[np.ndarray], T]
+) -> Callable[[np.ndarray], tuple[float, tuple]]:
+    """Per-tile work run in the reader threads: tissue fraction, and ``(payload(tile),)`` only for kept
+    tiles (``()`` for rejected ones, so the payload may be anything)."""
 
-    def judge(tile: np.ndarray) -> tuple[float, bytes | None]:
+    def judge(tile: np.ndarray) -> tuple[float, tuple]:
         frac = tile_tissue_fraction(tile, cfg.min_saturation, cfg.min_texture)
-        return frac, _encode_jpeg(tile, cfg.jpeg_quality) if frac >= cfg.tissue_threshold else None
+        return frac, (payload(tile),) if frac >= cfg.tissue_threshold else ()
 
     return judge
 
@@ -76,14 +84,15 @@ def _filtered_tiles(
     index: np.ndarray,
     level: int,
     cfg: TilingConfig,
+    payload: Callable[[np.ndarray], T],
     fast: JpegTiffLevel0 | None = None,
-) -> Iterator[tuple[int, float, bytes]]:
-    """Yield ``(k, tissue_fraction, jpeg)`` for the tiles of ``index`` that pass the tile-level filter."""
-    judge = _judge(cfg)
+) -> Iterator[tuple[int, float, T]]:
+    """Yield ``(k, tissue_fraction, payload(tile))`` for the tiles of ``index`` that pass the tile filter."""
+    judge = _judge(cfg, payload)
     judged = map_tiles(slide, grid, index, level, judge, cfg.read_block, cfg.resample, cfg.threads, fast)
-    for k, (frac, jpeg) in judged:
-        if jpeg is not None:
-            yield k, frac, jpeg
+    for k, (frac, kept) in judged:
+        if kept:
+            yield k, frac, kept[0]
 
 
 def select_tiles(
@@ -94,20 +103,27 @@ def select_tiles(
     cfg: TilingConfig,
     slide_id: str,
     fast: JpegTiffLevel0 | None = None,
-) -> Iterator[tuple[int, float, bytes]]:
+    payload: Callable[[np.ndarray], T] | None = None,
+) -> Iterator[tuple[int, float, T]]:
     """Tiles to write: all candidates passing the filter, or with ``max_tiles_per_slide`` the first that
-    pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order."""
+    pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order.
+
+    Yields ``(k, tissue_fraction, payload(tile))``; ``payload`` runs in the reader threads on kept tiles
+    only (default: the JPEG at ``cfg.jpeg_quality``, what the shards store).
+    """
+    if payload is None:
+        payload = functools.partial(_encode_jpeg, quality=cfg.jpeg_quality)
     limit = cfg.max_tiles_per_slide
     if limit is None:
-        yield from _filtered_tiles(slide, grid, candidates, level, cfg, fast)
+        yield from _filtered_tiles(slide, grid, candidates, level, cfg, payload, fast)
         return
     perm = slide_rng(cfg.seed, slide_id, grid.target_mpp).permutation(len(candidates))
-    kept: dict[int, tuple[float, bytes]] = {}
+    kept: dict[int, tuple[float, T]] = {}
     pos = 0
     while len(kept) < limit and pos < len(perm):
         chunk = perm[pos : pos + max(64, 2 * (limit - len(kept)))]
         pos += len(chunk)
-        judged = _filtered_tiles(slide, grid, candidates[chunk], level, cfg, fast)
+        judged = _filtered_tiles(slide, grid, candidates[chunk], level, cfg, payload, fast)
         passed = {int(chunk[k]): (f, t) for k, f, t in judged}
         for k in chunk:  # permutation order decides who gets in
             if int(k) in passed and len(kept) < limit:
@@ -122,6 +138,77 @@ def _encode_jpeg(tile: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class TileLayout:
+    """Where a slide is tiled at one target mpp: the grid, the pyramid level read, and the grid tiles
+    under the thumbnail tissue mask (``candidates``, (M, 2) int (row, col)) that the tile filter judges."""
+
+    grid: TileGrid
+    level: int
+    candidates: np.ndarray
+
+    def xy(self, k: int) -> tuple[int, int]:
+        """Level-0 (x, y) of the top-left corner of candidate ``k``."""
+        return int(self.grid.xs[self.candidates[k, 1]]), int(self.grid.ys[self.candidates[k, 0]])
+
+    def stats(self) -> dict:
+        """The manifest's per-mpp counts (``tiles`` is added by whoever keeps them)."""
+        return {
+            "level": self.level,
+            "grid": [len(self.grid.xs), len(self.grid.ys)],
+            "candidates": len(self.candidates),
+        }
+
+
+def tile_layout(
+    slide: openslide.OpenSlide,
+    mask: tuple[np.ndarray, float, float],
+    mpp: float,
+    target_mpp: float,
+    cfg: TilingConfig,
+) -> TileLayout:
+    """The grid of ``slide`` (level-0 ``mpp`` µm/px) at ``target_mpp``, its read level and the grid tiles
+    that ``mask`` (``tissue_mask``) covers by at least ``cfg.mask_min_coverage``."""
+    grid = tile_grid(*slide.dimensions, mpp, target_mpp, cfg.tile_size)
+    level = best_level(slide, target_mpp / mpp)
+    index = grid.all_indices()
+    tissue, sx, sy = mask
+    coverage = mask_coverage(tissue, grid.boxes(index) / np.array([sx, sy, sx, sy]))
+    return TileLayout(grid, level, index[coverage >= cfg.mask_min_coverage])  # 0 reads every grid tile
+
+
+def _identity(tile: np.ndarray) -> np.ndarray:
+    return tile
+
+
+def slide_tiles(
+    slide: openslide.OpenSlide,
+    layout: TileLayout,
+    cfg: TilingConfig,
+    slide_id: str,
+    fast: JpegTiffLevel0 | None = None,
+    payload: Callable[[np.ndarray], T] = _identity,
+) -> Iterator[tuple[int, int, float, T]]:
+    """The tiles the tiler keeps for ``layout``, in grid order: ``(x, y, tissue_fraction, payload(tile))``
+    with level-0 ``x, y`` and ``tile`` a (tile_size, tile_size, 3) uint8 RGB array (``payload`` runs in
+    the reader threads; default: the array itself). ``ssl-path-tile`` writes these tiles (as JPEG) and
+    ``ssl-path-embed`` encodes them, so both see the same tiles for the same config."""
+    for k, frac, data in select_tiles(
+        slide, layout.grid, layout.candidates, layout.level, cfg, slide_id, fast, payload
+    ):
+        yield (*layout.xy(k), frac, data)
+
+
+def open_fast_reader(
+    source: str | Path, slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig
+) -> JpegTiffLevel0 | None:
+    """The level-0 reader for tiled-JPEG TIFFs (``fastread``) when some target mpp is read at level 0
+    and the file allows it, else ``None``. The caller closes it."""
+    if any(best_level(slide, t / mpp) == 0 for t in cfg.target_mpps):
+        return JpegTiffLevel0.open(source, slide)
+    return None
+
+
 def _tile_at_mpp(
     slide: openslide.OpenSlide,
     mask: tuple[np.ndarray, float, float],
@@ -134,16 +221,12 @@ def _tile_at_mpp(
 ) -> dict:
     """Tile one slide at one target mpp into ``writer``; returns counts for the manifest."""
     slide_id, source = ids
-    grid = tile_grid(*slide.dimensions, slide_mpp.mpp, target_mpp, cfg.tile_size)
-    level = best_level(slide, target_mpp / slide_mpp.mpp)
-    index = grid.all_indices()
-    tissue, sx, sy = mask
-    coverage = mask_coverage(tissue, grid.boxes(index) / np.array([sx, sy, sx, sy]))
-    candidates = index[coverage >= cfg.mask_min_coverage]  # 0 reads every grid tile
+    layout = tile_layout(slide, mask, slide_mpp.mpp, target_mpp, cfg)
+    level = layout.level
     suffix = f"_{round(target_mpp * 1000)}nm" if len(cfg.target_mpps) > 1 else ""
+    encode = functools.partial(_encode_jpeg, quality=cfg.jpeg_quality)
     n = 0
-    for k, frac, jpeg in select_tiles(slide, grid, candidates, level, cfg, slide_id, fast):
-        x, y = int(grid.xs[candidates[k, 1]]), int(grid.ys[candidates[k, 0]])
+    for x, y, frac, jpeg in slide_tiles(slide, layout, cfg, slide_id, fast, encode):
         meta = {
             "slide_id": slide_id,
             "x": x,
@@ -153,13 +236,13 @@ def _tile_at_mpp(
             "mpp_source": slide_mpp.source,
             "target_mpp": target_mpp,
             "tile_size": cfg.tile_size,
-            "extent": round(grid.extent, 4),
+            "extent": round(layout.grid.extent, 4),
             "source": source,
             "tissue_fraction": round(frac, 4),
         }
         writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", jpeg, meta)
         n += 1
-    return {"level": level, "grid": [len(grid.xs), len(grid.ys)], "candidates": len(candidates), "tiles": n}
+    return {**layout.stats(), "tiles": n}
 
 
 def failed_entry(source: str | Path, reason: str | None) -> dict:
@@ -189,8 +272,7 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
             if slide_mpp.warning:
                 entry["warnings"].append(slide_mpp.warning)
             mask = tissue_mask(slide, slide_mpp.mpp, cfg)
-            if any(best_level(slide, t / slide_mpp.mpp) == 0 for t in cfg.target_mpps):
-                fast = JpegTiffLevel0.open(source, slide)
+            fast = open_fast_reader(source, slide, slide_mpp.mpp, cfg)
             writer = SlideShardWriter(
                 Path(output) / "shards", slide_id, cfg.shard_max_count, cfg.shard_max_size
             )
