@@ -24,9 +24,15 @@ from ssl_path.eval.runner import HISTOGRAM, FeatureConfig, run_evaluation
 log = logging.getLogger(__name__)
 
 
-def tile_sets(datasets: DictConfig | None, data: DictConfig) -> dict[str, str]:
-    """Named sets from ``eval/datasets`` plus ``data.root`` (named after its folder unless ``data.name``)."""
-    out = {str(k): str(v) for k, v in (datasets or {}).items()}
+def tile_sets(datasets: DictConfig | None, data: DictConfig) -> dict[str, str | dict]:
+    """Named sets from ``eval/datasets`` plus ``data.root`` (named after its folder unless ``data.name``).
+
+    A named set is its root, or ``{root, group_csv, group_column, group_regex}`` (per-set groups,
+    see ``ssl_path.eval.runner.dataset_entry``); ``data.root`` takes the ``split`` group keys.
+    """
+    out: dict[str, str | dict] = {}
+    for k, v in (datasets or {}).items():
+        out[str(k)] = OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else str(v)
     if data.root is not None:
         out[data.name or Path(data.root).name] = str(data.root)
     return out
@@ -64,6 +70,7 @@ def run(cfg: DictConfig) -> list[dict]:
         feats=feats,
         split=instantiate(cfg.split, _convert_="all"),
         output=Path(cfg.output),
+        ci=instantiate(cfg.ci, _convert_="all"),
     )
 
 

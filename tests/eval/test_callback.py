@@ -1,18 +1,22 @@
-"""PeriodicEval inside a real Lightning fit: when it runs, what it logs, that it leaves training alone."""
+"""PeriodicEval inside a real Lightning fit: when it runs, what it logs, the kNN-vs-step curve it keeps in
+the run directory, that it leaves training alone."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from ssl_path.eval.callback import PeriodicEval
-from ssl_path.eval.protocol import ProbeConfig
+from ssl_path.eval.protocol import METRICS, ProbeConfig
+from ssl_path.eval.report import read_csv
 from ssl_path.eval.runner import FeatureConfig, SplitConfig
 from ssl_path.models import create_backbone
 from tests.eval.tiles import small_tile_set
@@ -61,9 +65,16 @@ def make_callback(tiles, **kwargs) -> PeriodicEval:
 def test_runs_every_n_optimiser_steps_and_logs_to_the_loggers(tiles, tmp_path):
     callback = make_callback(tiles)
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=0)
+    # a curve left by an earlier attempt of this run: its rows from the first evaluated step on are
+    # replaced (the attempt went further than its last checkpoint), the earlier ones kept
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "knn_curve.csv").write_text(
+        "step,dataset,probe,n,accuracy\n1,mini,knn3,2,0.25\n9,mini,knn3,2,0.75\n"
+    )
     trainer = L.Trainer(
         max_steps=5, max_epochs=-1, accumulate_grad_batches=2, callbacks=[callback], logger=logger,
         accelerator="cpu", devices=1, enable_progress_bar=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,  # the run directory
     )  # fmt: skip
     module = TinyTeacherModule()
     trainer.fit(module)
@@ -78,6 +89,28 @@ def test_runs_every_n_optimiser_steps_and_logs_to_the_loggers(tiles, tmp_path):
     assert module.w.item() != 0.0  # training ran; training_step asserted the teacher stayed in eval mode
     # the teacher's weights do not change here, so every evaluation gives the same numbers
     assert callback.history[0]["eval/mini/knn3_accuracy"] == callback.history[-1]["eval/mini/knn3_accuracy"]
+    # the kNN-vs-step curve in <run dir>/eval: one row per evaluation, the logged means beside the pooled
+    # figure and its bootstrap interval, and its PNG
+    curve = read_csv(tmp_path / "eval" / "knn_curve.csv")
+    assert [int(r["step"]) for r in curve] == [1, 2, 4, 5]
+    for r, logged in zip(curve[1:], callback.history, strict=True):
+        assert (r["dataset"], r["probe"], r["n"]) == ("mini", "knn3", "2")
+        for m in METRICS:
+            assert float(r[m]) == pytest.approx(logged[f"eval/mini/knn3_{m}"])
+            low, pooled, high = (float(r[f"{m}_{k}"]) for k in ("ci_low", "pooled", "ci_high"))
+            assert math.isfinite(low) and low <= pooled <= high
+    with Image.open(tmp_path / "eval" / "knn_curve.png") as im:
+        assert im.format == "PNG" and im.width > 200
+
+
+def test_a_curve_that_cannot_be_written_warns_and_training_goes_on(tiles, tmp_path):
+    (tmp_path / "taken").write_text("a file where the curve directory should be")
+    callback = make_callback(tiles, curve_dir=str(tmp_path / "taken"))
+    trainer = L.Trainer(max_steps=2, max_epochs=-1, callbacks=[callback], logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="could not write the kNN curve"):
+        trainer.fit(TinyTeacherModule())
+    assert trainer.global_step == 2 and [h["step"] for h in callback.history] == [2]
 
 
 def test_bad_settings_fail_early(tiles, tmp_path):
@@ -87,7 +120,7 @@ def test_bad_settings_fail_early(tiles, tmp_path):
         PeriodicEval(datasets={})
     callback = PeriodicEval(datasets={"missing": str(tmp_path / "nope")})
     trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, accelerator="cpu")  # fmt: skip
+                        enable_checkpointing=False, accelerator="cpu", default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="nope"):
         trainer.fit(TinyTeacherModule())
 
@@ -116,7 +149,8 @@ def test_a_failing_evaluation_warns_and_training_goes_on(tiles, tmp_path):
     (broken / "6_adipose" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     callback = make_callback(broken)
     trainer = L.Trainer(max_steps=4, max_epochs=-1, callbacks=[callback], logger=False, accelerator="cpu",
-                        enable_progress_bar=False, enable_checkpointing=False)  # fmt: skip
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)  # fmt: skip
     with pytest.warns(RuntimeWarning, match="periodic eval at step 2 failed .*zz_truncated.png"):
         trainer.fit(TinyTeacherModule())
     assert trainer.global_step == 4 and callback.failures == 2 and callback.history == []
@@ -132,10 +166,11 @@ def test_two_ddp_ranks_only_rank_zero_evaluates(tiles, tmp_path):
     trainer = L.Trainer(
         max_steps=4, max_epochs=-1, callbacks=[callback], logger=False, accelerator="cpu", devices=2,
         strategy="ddp_spawn", enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(TinyTeacherModule())
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert [s for s, _ in rank0] == [s for s, _ in rank1] == [2, 4]  # both ranks reach every barrier
     assert all(n == 1 for _, n in rank0) and all(n == 0 for _, n in rank1)  # only rank 0 computes
+    assert [int(r["step"]) for r in read_csv(tmp_path / "eval" / "knn_curve.csv")] == [2, 4]  # rank 0 writes

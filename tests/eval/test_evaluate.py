@@ -1,6 +1,7 @@
 """``ssl-path-eval`` end to end on the real kather2016-100 tiles, with the real hydra config.
 
 The numbers in the table must be recomputable from the saved features with scikit-learn alone.
+(Grouped splits, intervals and per-class files on a set with patients: tests/eval/test_grouped.py.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from ssl_path.cli.evaluate import run, tile_sets
+from ssl_path.eval.protocol import IntervalConfig
 from ssl_path.eval.report import read_csv
 from ssl_path.eval.runner import FeatureConfig, SplitConfig
 from ssl_path.eval.transforms import eval_transform
@@ -49,18 +51,44 @@ def test_random_init_table_structure(random_init_run):
     # the colour floor from shared/data/README.md (~0.66) is reproduced, well above majority (0.18)
     hist_knn = next(r for r in summary if r["model"] == "colour_histogram" and r["probe"] == "knn10")
     assert hist_knn["accuracy_mean"] > 0.5
-    notes, _, md = (out / "results.md").read_text().partition("\n\n")
-    # the split and the kNN neighbour rule are printed beside the table
+    notes, md, per_class_md = (out / "results.md").read_text().split("\n\n", 2)
+    # the split and the kNN neighbour rule are printed beside the table; no groups: tile-level folds
     assert "kather2016-100: 100 tiles, 8 classes (smallest 8); split: stratified 5-fold" in notes
+    assert "grouped by" not in notes
     assert "kNN neighbours capped at the smallest training class" in notes
+    assert "95 % percentile-bootstrap interval (1000 resamples)" in notes
     md = md.splitlines()
     assert md[0] == "| dataset | model | probe | accuracy | balanced acc. | macro F1 | n |"
-    assert len(md) == 2 + 6 and " ± " in md[2]
-    assert len(read_csv(out / "results.csv")) == 6
-    assert len(read_csv(out / "results_per_split.csv")) == 6 * 5
+    assert len(md) == 2 + 6 and " ± " in md[2] and "] | 5 |" in md[2]  # mean ± std [low, high]
+    assert "Per-class recall on kather2016-100" in per_class_md and "| 7_background |" in per_class_md
+    results = read_csv(out / "results.csv")
+    assert len(results) == 6 and len(read_csv(out / "results_per_split.csv")) == 6 * 5
+    # the existing columns first, as before; the pooled figure and its interval appended
+    assert list(results[0])[:10] == ["dataset", "model", "probe", "n"] + [
+        f"{m}_{s}" for m in ("accuracy", "balanced_accuracy", "macro_f1") for s in ("mean", "std")
+    ]
+    for r in results:
+        for m in ("accuracy", "balanced_accuracy", "macro_f1"):
+            low, pooled, high = (float(r[f"{m}_{k}"]) for k in ("ci_low", "pooled", "ci_high"))
+            assert low <= pooled <= high and low < high
+    # per class: 8 classes x 6 (model, probe) rows; the confusion matrices count every tile once (1 seed)
+    per_class = read_csv(out / "per_class_recall.csv")
+    assert len(per_class) == 8 * 6 and {r["class"] for r in per_class} >= {"0_tumour_epithelium"}
+    assert sorted({int(r["n"]) for r in per_class}) == sorted(set(KATHER_COUNTS))
+    cm = np.loadtxt(ds_dir(out) / "colour_histogram" / "confusion_knn10.csv", delimiter=",", skiprows=1,
+                    usecols=range(1, 9))  # fmt: skip
+    assert cm.sum() == 100 and cm.sum(1).tolist() == KATHER_COUNTS
+    assert (ds_dir(out) / "random_init" / "confusion_linear.png").stat().st_size > 1000
     ds = out / "kather2016-100"
     assert np.load(ds / "random_init" / "features.npy").shape == (100, 192)
     assert np.load(ds / "colour_histogram" / "features.npy").shape == (100, 512)
+
+
+KATHER_COUNTS = [18, 8, 13, 12, 12, 10, 18, 9]
+
+
+def ds_dir(out):
+    return out / "kather2016-100"
 
 
 def test_numbers_are_recomputable_with_scikit_learn(random_init_run, kather_dir):
@@ -112,6 +140,11 @@ def test_named_sets_and_the_command_line_root_are_both_evaluated(compose_eval, k
     assert list(sets) == ["kather2016-100", "y"] and sets["kather2016-100"].endswith("tiles/kather2016-100")
     cfg = compose_eval(["output=/unused", "model=vit_tiny", "data.root=/x/y", "data.name=crc"])
     assert tile_sets(cfg.datasets, cfg.data) == {"crc": "/x/y"}
+    # a named set may carry its own groups
+    cfg = compose_eval(
+        ["output=/unused", "model=vit_tiny", "+datasets.tcga={root: /t, group_regex: '^(\\w+)_'}"]
+    )
+    assert tile_sets(cfg.datasets, cfg.data) == {"tcga": {"root": "/t", "group_regex": "^(\\w+)_"}}
 
 
 def test_cli_needs_a_backbone_and_a_dataset(compose_eval, tmp_path, kather_dir):
@@ -129,15 +162,16 @@ def test_cli_needs_a_backbone_and_a_dataset(compose_eval, tmp_path, kather_dir):
 
 
 def test_split_and_features_spell_out_every_default(compose_eval, compose_train):
-    """configs/eval/protocol: every field of SplitConfig and FeatureConfig visible in ssl-path-eval's config,
-    at its default; the periodic eval in training reads the same values, less the keys it does not use."""
+    """configs/eval/protocol: every field of SplitConfig, FeatureConfig and IntervalConfig visible in
+    ssl-path-eval's config, at its default; the periodic eval in training reads the same values, less the
+    keys it does not use."""
     cfg = compose_eval(["output=/unused"])
-    for node, cls in ((cfg.split, SplitConfig), (cfg.features, FeatureConfig)):
+    for node, cls in ((cfg.split, SplitConfig), (cfg.features, FeatureConfig), (cfg.ci, IntervalConfig)):
         given = OmegaConf.to_container(node)
         assert given.pop("_target_") == f"{cls.__module__}.{cls.__qualname__}"
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         assert given == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
     periodic = compose_train(["callbacks=eval"]).callbacks.periodic_eval
-    assert periodic.split == cfg.split
+    assert periodic.split == cfg.split and periodic.ci == cfg.ci
     unused = {"device", "histogram_bins"}  # features are computed where the teacher is; no histogram row
     assert {k: v for k, v in cfg.features.items() if k not in unused} == periodic.features
