@@ -13,6 +13,7 @@ layer) and no torch at run time (the tiler does not load torch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import re
@@ -79,6 +80,16 @@ def read_manifest(root: str | Path) -> dict | None:
         ) from exn
     validate_manifest(manifest, path)
     return manifest
+
+
+def dataset_id(manifest: Mapping[str, Any]) -> str:
+    """A dataset's identity from its content, not its location: 16 hex of sha256 over the tiling config
+    and the sorted (shard path, num_samples) list. Moving or serving the same tiles elsewhere keeps the
+    id (run dirs and resume key on it); re-tiling with another config or more slides changes it. The
+    tiler stores it as ``manifest["dataset_id"]``; manifests written before that get it computed."""
+    shards = sorted((str(s["path"]), int(s["num_samples"])) for s in manifest.get("shards", []))
+    payload = json.dumps({"config": manifest.get("config", {}), "shards": shards}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def validate_manifest(manifest: Any, file: str | Path) -> None:

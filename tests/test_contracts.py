@@ -115,3 +115,27 @@ def test_a_training_checkpoint_describes_its_backbone_and_normalisation(smoke_ch
     out = export_backbone(copied, tmp_path / "export")
     pre = json.loads((out.parent / contracts.EXPORT_CONFIG).read_text())["pretrained_cfg"]
     assert pre["mean"] == [0.7, 0.6, 0.5] and pre["std"] == [0.2, 0.25, 0.3]
+
+
+def test_dataset_id_follows_content_not_location():
+    from ssl_path.contracts import dataset_id
+
+    manifest = {
+        "config": {"tile_size": 224, "target_mpps": [0.5]},
+        "shards": [
+            {"path": "shards/b-000000.tar", "num_samples": 3},
+            {"path": "shards/a-000000.tar", "num_samples": 5},
+        ],
+        "slides": {},
+    }
+    reordered = {
+        **manifest,
+        "shards": manifest["shards"][::-1],
+        "slides": {"x": {"status": "ok", "tiles": 0}},
+    }
+    assert dataset_id(manifest) == dataset_id(reordered) and len(dataset_id(manifest)) == 16
+    assert dataset_id(manifest) != dataset_id(
+        {**manifest, "config": {"tile_size": 256, "target_mpps": [0.5]}}
+    )
+    more = {**manifest, "shards": [*manifest["shards"], {"path": "shards/c-000000.tar", "num_samples": 1}]}
+    assert dataset_id(manifest) != dataset_id(more)
