@@ -7,13 +7,14 @@ from ssl_path.eval.export import export_backbone
 from ssl_path.eval.features import extract_features, pool_tokens
 from ssl_path.eval.histogram import colour_histogram
 from ssl_path.eval.probes import classification_metrics, knn_predict, linear_probe_predict
-from ssl_path.eval.protocol import ProbeConfig, evaluate_features, summarise
+from ssl_path.eval.protocol import IntervalConfig, ProbeConfig, evaluate_features, summarise
 from ssl_path.eval.runner import FeatureConfig, SplitConfig, evaluate_tile_set, run_evaluation
 
 __all__ = [
     "FeatureConfig",
     "PeriodicEval",
     "ImageDataset",
+    "IntervalConfig",
     "ProbeConfig",
     "Split",
     "SplitConfig",
