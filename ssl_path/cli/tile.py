@@ -4,11 +4,32 @@
     ssl-path-tile input='/data/*.svs' output=/data/tiles tiling.target_mpps=[0.5,1.0] tiling.tile_size=256
     ssl-path-tile input=slides.csv output=/data/tiles num_tasks=16   # in each task of sbatch --array=0-15
 
-``input`` is a folder, a glob, a CSV (column ``path``) or one slide. A slide is its resolved path (two
-``slide.svs`` in different folders are two slides, with ids ``slide-<hash of path>``). Re-running skips
-slides already done and retries failed ones; a corrupt slide is recorded as failed and the run still
-exits 0, unless every slide failed. ``output`` gets ``shards/``, ``manifest.json`` and ``hydra/``
-(resolved configs).
+``input`` is a folder, a glob, a CSV or one slide. A slide is its resolved path (two ``slide.svs`` in
+different folders are two slides, with ids ``slide-<hash of path>``). Re-running skips slides already
+done and retries failed ones; a corrupt slide is recorded as failed and the run still exits 0, unless
+every slide failed. ``output`` gets ``shards/``, ``manifest.json`` and ``hydra/`` (resolved configs).
+
+A CSV input's header row names its columns (case-insensitive; a file without one is a list of paths
+in its first column):
+
+* ``path`` (or ``slide``, ``slide_path``, ``filename``): the slide file, relative to the CSV's folder
+  or absolute. Required.
+* ``mpp``: level-0 µm/px of the slide. Wins over the slide's metadata and ``tiling.fallback_mpp``.
+* ``magnification``: objective power (``40`` or ``40x``), used as ``10 / magnification`` µm/px when
+  ``mpp`` is empty. Either way the manifest records ``mpp_source: csv``.
+* ``slide_id``: the slide's id (shard names, sample keys, manifest key), ``[A-Za-z0-9_-]+``, unique.
+* ``patient_id`` and any other named column: carried as strings into the slide's manifest entry and
+  every tile's json under ``meta`` (e.g. ``{"patient_id": "P7", "site": "colon"}``).
+
+An empty ``mpp``, ``magnification``, ``slide_id`` or ``patient_id`` cell means "not given" (other
+columns are carried as written, empty or not).
+
+A bad value (an mpp that is not a positive number, a repeated slide_id) stops the run before any
+tiling, naming the row and column. This metadata is not part of the tiling config: to rescue slides
+that failed (e.g. a TCGA slide with no mpp in its metadata), add their ``mpp`` to the CSV and re-run
+into the same ``output``; finished slides are skipped and left untouched.
+
+    ssl-path-tile input=slides.csv output=/data/tiles   # slides.csv: path,mpp,patient_id,site
 """
 
 from __future__ import annotations
@@ -21,7 +42,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ssl_path import CONFIG_DIR
-from ssl_path.tiling import find_slides, slide_ids, summary_line, task_slides, tile_slides
+from ssl_path.tiling import find_slide_records, record_ids, summary_line, task_slides, tile_slides
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +51,15 @@ def run(cfg: DictConfig) -> dict:
     """Tile the slides named by ``cfg.input`` (this task's share of them) into ``cfg.output``; returns
     the manifest (``last_run`` holds this run's counts) after printing the summary line."""
     tiling = hydra.utils.instantiate(cfg.tiling, _convert_="all")
-    found = find_slides(cfg.input, list(cfg.extensions))
+    records = find_slide_records(cfg.input, list(cfg.extensions))
+    found = [r.path for r in records]
     if not found:
         raise FileNotFoundError(
             f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
         )
     share = set(task_slides(found, int(cfg.task_index), int(cfg.num_tasks)))
     # ids over the whole input, not this task's share: every task sees a stem clash, and agrees on ids
-    mine = {sid: p for sid, p in slide_ids(found).items() if p in share}
+    mine = {sid: rec for sid, rec in record_ids(records).items() if rec.path in share}
     manifest = tile_slides(
         mine, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
     )

@@ -2,7 +2,16 @@
 
 from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.grid import TileGrid, tile_grid
-from ssl_path.tiling.inputs import SLIDE_EXTENSIONS, find_slides, slide_ids, task_slides
+from ssl_path.tiling.inputs import (
+    SLIDE_EXTENSIONS,
+    SlideRecord,
+    find_slide_records,
+    find_slides,
+    read_csv,
+    record_ids,
+    slide_ids,
+    task_slides,
+)
 from ssl_path.tiling.manifest import MANIFEST_NAME, load_manifest
 from ssl_path.tiling.pipeline import (
     TileLayout,
@@ -23,14 +32,18 @@ __all__ = [
     "SLIDE_EXTENSIONS",
     "SlideError",
     "SlideMpp",
+    "SlideRecord",
     "TileGrid",
     "TileLayout",
     "TilingConfig",
     "TilingWarning",
+    "find_slide_records",
     "find_slides",
     "load_manifest",
     "open_fast_reader",
     "open_slide",
+    "read_csv",
+    "record_ids",
     "resolve_mpp",
     "slide_ids",
     "slide_tiles",

@@ -19,8 +19,9 @@ class TilingConfig:
         tile_size: output tile side in pixels (224, 256, 512, ...).
         tissue_threshold: minimum tile-level tissue fraction (``tissue.tile_tissue_fraction``) to keep a tile.
         jpeg_quality: JPEG quality of the stored tiles (1-100).
-        fallback_mpp: level-0 µm/px used when neither the metadata mpp nor the objective power is known;
-            ``None`` fails such slides instead of guessing.
+        fallback_mpp: level-0 µm/px used when neither the metadata mpp nor the objective power is known
+            (and the input CSV gives no ``mpp``/``magnification``); ``None`` fails such slides instead
+            of guessing. Per-slide values belong in the input CSV, which is not part of this config.
         max_tiles_per_slide: keep at most this many tiles per slide and target mpp, drawn deterministically
             from ``seed`` and the slide id; ``None`` keeps all.
         shard_max_count: maximum samples per shard.

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ssl_path.contracts import MANIFEST_NAME as MANIFEST_NAME  # re-exported by ssl_path.tiling
-from ssl_path.contracts import read_manifest
+from ssl_path.contracts import dataset_id, read_manifest
 from ssl_path.tiling.config import RUNTIME_FIELDS
 
 
@@ -31,7 +31,11 @@ def load_manifest(output: Path) -> dict | None:
 
 
 def build_manifest(config: dict, slides: dict[str, dict], last_run: dict | None = None) -> dict:
-    """Assemble the manifest; shards are listed per slide in slide-id order, paths relative to output."""
+    """Assemble the manifest; shards are listed per slide in slide-id order, paths relative to output.
+
+    ``dataset_id`` is the content id of the result (``ssl_path.contracts.dataset_id``: tiling config +
+    shard list), so the same tiles have the same id wherever they are stored or served from.
+    """
     shards = []
     for slide_id in sorted(slides):
         for shard in slides[slide_id].get("shards", []):
@@ -43,13 +47,15 @@ def build_manifest(config: dict, slides: dict[str, dict], last_run: dict | None 
                 }
             )
     manifest = {"config": config, "shards": shards, "slides": {k: slides[k] for k in sorted(slides)}}
+    manifest = {"dataset_id": dataset_id(manifest), **manifest}
     if last_run is not None:
         manifest["last_run"] = last_run
     return manifest
 
 
 def save_manifest(output: Path, manifest: dict) -> Path:
-    """Write ``output/manifest.json`` atomically."""
+    """Write ``output/manifest.json`` atomically (``dataset_id`` set from its content)."""
+    manifest["dataset_id"] = dataset_id(manifest)
     path = Path(output) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     with tmp.open("w") as f:
@@ -71,7 +77,11 @@ def manifest_lock(output: Path) -> Iterator[None]:
 
 
 def check_config(output: Path, manifest: dict | None, config: dict) -> None:
-    """Refuse to mix tiles of two tiling configs (runtime-only fields aside) in one output folder."""
+    """Refuse to mix tiles of two tiling configs (runtime-only fields aside) in one output folder.
+
+    Per-slide metadata from the user (the input CSV's mpp, slide_id, ...) is not part of the config:
+    re-running failed slides with new metadata into the same folder is allowed.
+    """
 
     def tiles_config(c: dict) -> dict:
         return {k: v for k, v in c.items() if k not in RUNTIME_FIELDS}

@@ -15,6 +15,12 @@ as a ``failed`` entry ("claimed, not finished"), so a tiler that starts later, i
 concurrent one, sees it: no two sources ever share an id or shard names, a slide is skipped only if
 *its own source* is done, and a killed run's slides are simply retried. Moving slides changes their
 identity: re-tiling them into the same output adds them again (with the warning), it never drops one.
+
+Per-slide metadata from the user (``SlideRecord``: the input CSV's ``mpp``, ``magnification``,
+``slide_id``, ``patient_id`` and extra columns) is not part of the tiling config: a re-run into the same
+output with new metadata re-tiles the slides not yet done (e.g. a slide that failed for want of an mpp)
+and leaves finished ones as they are (with a warning where the metadata now differs). An explicit
+``slide_id`` is used as given; one already held by another source in the output is refused.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import logging
 import multiprocessing
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -40,7 +46,7 @@ from tqdm.auto import tqdm
 from ssl_path.tiling.config import TilingConfig
 from ssl_path.tiling.fastread import JpegTiffLevel0
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
-from ssl_path.tiling.inputs import ID_RE, path_id, slide_ids
+from ssl_path.tiling.inputs import ID_RE, SlideRecord, path_id, record_ids
 from ssl_path.tiling.manifest import update_manifest
 from ssl_path.tiling.reader import best_level, map_tiles, read_thumbnail
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
@@ -218,6 +224,7 @@ def _tile_at_mpp(
     writer: SlideShardWriter,
     cfg: TilingConfig,
     fast: JpegTiffLevel0 | None = None,
+    user_meta: Mapping[str, str] | None = None,
 ) -> dict:
     """Tile one slide at one target mpp into ``writer``; returns counts for the manifest."""
     slide_id, source = ids
@@ -240,13 +247,16 @@ def _tile_at_mpp(
             "source": source,
             "tissue_fraction": round(frac, 4),
         }
+        if user_meta:  # only when given, so tiles without user metadata stay byte-identical
+            meta["meta"] = dict(user_meta)
         writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", jpeg, meta)
         n += 1
     return {**layout.stats(), "tiles": n}
 
 
-def failed_entry(source: str | Path, reason: str | None) -> dict:
-    """A manifest slide entry with status ``failed`` (the starting point of every entry)."""
+def failed_entry(source: str | Path, reason: str | None, meta: Mapping[str, str] | None = None) -> dict:
+    """A manifest slide entry with status ``failed`` (the starting point of every entry); ``meta`` is the
+    user's per-slide metadata (patient_id and extra CSV columns)."""
     return {
         "source": str(source),
         "status": "failed",
@@ -257,17 +267,35 @@ def failed_entry(source: str | Path, reason: str | None) -> dict:
         "warnings": [],
         "shards": [],
         "per_mpp": {},
+        "meta": dict(meta or {}),
     }
 
 
-def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: TilingConfig) -> dict:
-    """Tile one slide into ``output/shards``; returns its manifest entry (never raises for a bad slide)."""
+def tile_slide(
+    source: str | Path,
+    slide_id: str,
+    output: str | Path,
+    cfg: TilingConfig,
+    record: SlideRecord | None = None,
+) -> dict:
+    """Tile one slide into ``output/shards``; returns its manifest entry (never raises for a bad slide).
+
+    ``record`` is what the user says about the slide (its ``mpp``/``magnification`` win over the
+    slide's metadata, its ``meta`` goes into the entry and each tile's json); its path is not used.
+    """
     start = time.perf_counter()
-    entry = failed_entry(source, None)
+    record = record or SlideRecord(Path(source))
+    entry = failed_entry(source, None, record.meta)
     writer = fast = None
     try:
         with open_slide(source) as slide:
-            slide_mpp = resolve_mpp(dict(slide.properties), cfg.fallback_mpp, name=slide_id)
+            slide_mpp = resolve_mpp(
+                dict(slide.properties),
+                cfg.fallback_mpp,
+                name=slide_id,
+                csv_mpp=record.mpp,
+                csv_magnification=record.magnification,
+            )
             entry["mpp"], entry["mpp_source"] = slide_mpp.mpp, slide_mpp.source
             if slide_mpp.warning:
                 entry["warnings"].append(slide_mpp.warning)
@@ -277,9 +305,8 @@ def tile_slide(source: str | Path, slide_id: str, output: str | Path, cfg: Tilin
                 Path(output) / "shards", slide_id, cfg.shard_max_count, cfg.shard_max_size
             )
             for target in cfg.target_mpps:
-                stats = _tile_at_mpp(
-                    slide, mask, slide_mpp, target, (slide_id, str(source)), writer, cfg, fast
-                )
+                ids = (slide_id, str(source))
+                stats = _tile_at_mpp(slide, mask, slide_mpp, target, ids, writer, cfg, fast, record.meta)
                 entry["per_mpp"][f"{target:g}"] = stats
                 entry["tiles"] += stats["tiles"]
             entry["shards"] = writer.commit()
@@ -310,11 +337,15 @@ def _is_done(entry: dict | None, source: Path, shards_dir: Path) -> bool:
     return all((shards_dir / s["path"]).is_file() for s in entry["shards"])
 
 
-def claim_ids(proposed: Mapping[str, Path], recorded: Mapping[str, dict]) -> dict[str, Path]:
+def claim_ids(
+    proposed: Mapping[str, Path], recorded: Mapping[str, dict], explicit: Collection[str] = ()
+) -> dict[str, Path]:
     """Final ids for ``proposed`` (``{id: resolved path}``) against the manifest's ``recorded`` slides.
 
-    A source already recorded keeps its id; otherwise the proposed id if free, else ``path_id`` (with a
-    warning). Raises if an id would go to two sources or a source would get two ids.
+    A source already recorded keeps its id (for an ``explicit`` id, one the user chose, with a warning
+    when it differs); otherwise the proposed id if free, else ``path_id`` (with a warning), but an
+    ``explicit`` id held by another source raises. Raises if an id would go to two sources or a source
+    would get two ids.
     """
     owner = {sid: str(e.get("source")) for sid, e in recorded.items()}
     by_source: dict[str, str] = {}
@@ -324,6 +355,18 @@ def claim_ids(proposed: Mapping[str, Path], recorded: Mapping[str, dict]) -> dic
     for sid, path in proposed.items():
         src = str(path)
         final = sid if owner.get(sid) == src else by_source.get(src, sid)
+        if sid in explicit and final != sid:
+            message = (
+                f"{src} is already in this output as {final!r}; it keeps that id (the slide_id {sid!r} "
+                "given for it is not used; tile into a new output folder to rename it)"
+            )
+            log.warning(message)
+            warnings.warn(message, TilingWarning, stacklevel=2)
+        elif sid in explicit and owner.get(sid, src) != src:
+            raise ValueError(
+                f"slide_id {sid!r} given for {src} already names {owner[sid]} in this output; "
+                "choose another slide_id or a new output folder"
+            )
         if owner.get(final, src) != src:
             final = path_id(path)
             message = (
@@ -342,24 +385,25 @@ def claim_ids(proposed: Mapping[str, Path], recorded: Mapping[str, dict]) -> dic
 
 
 def _run_slides(
-    todo: dict[str, Path], output: Path, cfg: TilingConfig, workers: int
+    todo: dict[str, SlideRecord], output: Path, cfg: TilingConfig, workers: int
 ) -> Iterator[tuple[str, dict]]:
     """Yield ``(slide_id, entry)`` as slides finish, in-process for one worker, else in a spawn pool."""
     if workers <= 1 or len(todo) <= 1:
-        for sid, path in todo.items():
-            yield sid, tile_slide(path, sid, output, cfg)
+        for sid, rec in todo.items():
+            yield sid, tile_slide(rec.path, sid, output, cfg, rec)
         return
     ctx = multiprocessing.get_context("spawn")  # openslide handles and threads do not survive fork
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
         futures = {
-            pool.submit(tile_slide, str(p), sid, str(output), cfg): (sid, p) for sid, p in todo.items()
+            pool.submit(tile_slide, str(r.path), sid, str(output), cfg, r): (sid, r)
+            for sid, r in todo.items()
         }
         for fut in as_completed(futures):
-            sid, path = futures[fut]
+            sid, rec = futures[fut]
             try:
                 yield sid, fut.result()
             except Exception as e:  # noqa: BLE001 - a crashed worker fails its slide, not the run
-                yield sid, failed_entry(path, f"worker crashed: {e!r}")
+                yield sid, failed_entry(rec.path, f"worker crashed: {e!r}", rec.meta)
 
 
 def _report(sid: str, entry: dict) -> None:
@@ -370,40 +414,73 @@ def _report(sid: str, entry: dict) -> None:
         log.warning("slide %s failed: %s", sid, entry["reason"])
 
 
+def _changed_metadata(sid: str, entry: dict, rec: SlideRecord) -> str | None:
+    """``sid (what changed)`` when the user gives metadata for a finished slide that differs from what
+    it was tiled with (a record without any metadata says nothing, so it never differs)."""
+    if not rec.has_metadata:
+        return None
+    changes = []
+    given = rec.mpp if rec.mpp is not None or rec.magnification is None else 10.0 / rec.magnification
+    if given is not None and entry.get("mpp") and abs(entry["mpp"] - given) / given > 1e-6:
+        changes.append(f"mpp {entry['mpp']:g} ({entry.get('mpp_source')}) -> {given:g}")
+    if rec.meta != entry.get("meta", {}):
+        changes.append(f"meta {entry.get('meta', {})} -> {rec.meta}")
+    return f"{sid} ({'; '.join(changes)})" if changes else None
+
+
 def tile_slides(
-    slides: Sequence[str | Path] | Mapping[str, str | Path],
+    slides: Sequence[str | Path | SlideRecord] | Mapping[str, str | Path | SlideRecord],
     output: str | Path,
     cfg: TilingConfig,
     workers: int = 1,
     progress: bool = True,
 ) -> dict:
-    """Tile ``slides`` (paths, or ``{proposed id: path}``) into ``output`` (``shards/*.tar`` +
-    ``manifest.json``) and return the manifest.
+    """Tile ``slides`` (paths or ``SlideRecord``s, or ``{proposed id: path or record}``) into ``output``
+    (``shards/*.tar`` + ``manifest.json``) and return the manifest.
 
-    Ids are claimed first (see the module docstring). Slides already ``ok`` in an existing manifest
-    are skipped; failed or missing ones are (re)done. The manifest's ``last_run`` counts this call's
-    ok / failed / skipped slides and tiles written. Several calls may share ``output`` at once (each
-    slide must belong to one of them).
+    Ids are claimed first (see the module docstring); a record's own ``slide_id`` is used as given
+    (``record_ids``). Slides already ``ok`` in an existing manifest are skipped; failed or missing ones
+    are (re)done, with the records' metadata (which may differ from the previous run's). The
+    manifest's ``last_run`` counts this call's ok / failed / skipped slides and tiles written.
+    Several calls may share ``output`` at once (each slide must belong to one of them).
     """
     output = Path(output)
     shards_dir = output / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(cfg.to_dict()))
     if isinstance(slides, Mapping):
-        proposed = {sid: Path(p).resolve() for sid, p in slides.items()}
-        if bad := [sid for sid in proposed if not ID_RE.fullmatch(sid)]:
+        records = {sid: _as_record(p) for sid, p in slides.items()}
+        if bad := [sid for sid in records if not ID_RE.fullmatch(sid)]:
             raise ValueError(f"slide ids must match {ID_RE.pattern}: {bad}")
     else:
-        proposed = slide_ids([Path(s).resolve() for s in slides])
+        records = record_ids([_as_record(s) for s in slides])
+    by_path = {rec.path: rec for rec in records.values()}
+    proposed = {sid: rec.path for sid, rec in records.items()}
+    explicit = {sid for sid, rec in records.items() if rec.slide_id is not None}
     ids: dict[str, Path] = {}
-    todo: dict[str, Path] = {}
+    todo: dict[str, SlideRecord] = {}
+    kept: list[str] = []
 
     def claim(recorded: dict[str, dict]) -> dict[str, dict]:
-        ids.update(claim_ids(proposed, recorded))
-        todo.update({sid: p for sid, p in ids.items() if not _is_done(recorded.get(sid), p, shards_dir)})
-        return {sid: failed_entry(p, CLAIMED) for sid, p in ids.items() if sid not in recorded}
+        ids.update(claim_ids(proposed, recorded, explicit))
+        for sid, p in ids.items():
+            if not _is_done(recorded.get(sid), p, shards_dir):
+                todo[sid] = by_path[p]
+            elif message := _changed_metadata(sid, recorded[sid], by_path[p]):
+                kept.append(message)
+        return {
+            sid: failed_entry(p, CLAIMED, by_path[p].meta) for sid, p in ids.items() if sid not in recorded
+        }
 
     update_manifest(output, config, claim)
+    if kept:
+        message = (
+            f"{len(kept)} slide(s) already tiled are kept as they are, though the metadata given for "
+            f"them now differs: {', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}; "
+            "tile into a new output folder to apply it"
+        )
+        log.warning(message)
+        warnings.warn(message, TilingWarning, stacklevel=2)
     counts = {"ok": 0, "failed": 0, "skipped": len(ids) - len(todo), "tiles_written": 0}
     start = time.perf_counter()
     with tqdm(total=len(todo), desc="tiling slides", unit="slide", disable=not progress) as bar:
@@ -416,6 +493,12 @@ def tile_slides(
             bar.set_postfix(tiles=counts["tiles_written"], failed=counts["failed"])
     counts["seconds"] = round(time.perf_counter() - start, 3)
     return update_manifest(output, config, {}, last_run=counts)
+
+
+def _as_record(slide: str | Path | SlideRecord) -> SlideRecord:
+    if isinstance(slide, SlideRecord):
+        return replace(slide, path=Path(slide.path).resolve())
+    return SlideRecord(Path(slide).resolve())
 
 
 def summary_line(manifest: dict, output: str | Path) -> str:

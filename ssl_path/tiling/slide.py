@@ -1,6 +1,7 @@
 """Opening slides and finding their level-0 resolution (µm/px), with the fallback chain users expect.
 
-Order: ``openslide.mpp-x``/``mpp-y`` from the metadata, then the objective power (10 / power µm/px: 20x is
+Order: what the user gives for the slide (the input CSV's ``mpp``, else its ``magnification``), then
+``openslide.mpp-x``/``mpp-y`` from the metadata, then the objective power (10 / power µm/px: 20x is
 0.5, 40x is 0.25, the usual convention of CLAM/TRIDENT), then the configured ``fallback_mpp``; with none
 of them the slide fails with a reason rather than being tiled at a guessed scale.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import openslide
 
-MPP_SOURCES = ("metadata", "objective", "fallback")
+MPP_SOURCES = ("csv", "metadata", "objective", "fallback")
 
 
 class SlideError(RuntimeError):
@@ -50,9 +51,23 @@ def _positive(value: str | None) -> float | None:
     return v if v is not None and math.isfinite(v) and v > 0 else None
 
 
-def resolve_mpp(properties: dict[str, str], fallback_mpp: float | None, name: str = "slide") -> SlideMpp:
-    """Level-0 µm/px of a slide from its openslide ``properties`` (metadata → objective → fallback)."""
-    mpp_x = _positive(properties.get(openslide.PROPERTY_NAME_MPP_X))
+def resolve_mpp(
+    properties: dict[str, str],
+    fallback_mpp: float | None,
+    name: str = "slide",
+    *,
+    csv_mpp: float | None = None,
+    csv_magnification: float | None = None,
+) -> SlideMpp:
+    """Level-0 µm/px of a slide: the user's ``csv_mpp`` or ``csv_magnification`` (source ``csv``), else
+    its openslide ``properties`` (metadata → objective), else ``fallback_mpp``.
+
+    A user value that disagrees with the metadata by more than 5% still wins, with a warning.
+    """
+    meta_mpp = _positive(properties.get(openslide.PROPERTY_NAME_MPP_X))
+    if csv_mpp is not None or csv_magnification is not None:
+        return _from_csv(csv_mpp, csv_magnification, meta_mpp, name)
+    mpp_x = meta_mpp
     mpp_y = _positive(properties.get(openslide.PROPERTY_NAME_MPP_Y))
     if mpp_x is not None:
         if mpp_y is not None and abs(mpp_x - mpp_y) / mpp_x > 0.05:
@@ -72,5 +87,25 @@ def resolve_mpp(properties: dict[str, str], fallback_mpp: float | None, name: st
         )
     raise SlideError(
         f"{name}: no mpp and no objective power in the metadata and no fallback_mpp configured "
-        "(set tiling.fallback_mpp to tile it)"
+        "(set tiling.fallback_mpp, or give the slide's mpp in an input CSV, to tile it)"
     )
+
+
+def _from_csv(mpp: float | None, magnification: float | None, meta_mpp: float | None, name: str) -> SlideMpp:
+    for label, value in (("mpp", mpp), ("magnification", magnification)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SlideError(f"{name}: the CSV's {label} {value!r} is not a positive number")
+    notes = []
+    if mpp is None:
+        mpp = 10.0 / magnification
+        notes.append(f"{name}: mpp from the CSV's magnification {magnification:g}x: {mpp:g} µm/px")
+    elif magnification is not None and abs(10.0 / magnification - mpp) / mpp > 0.05:
+        notes.append(
+            f"{name}: the CSV's mpp {mpp:g} and magnification {magnification:g}x "
+            f"({10.0 / magnification:g} µm/px) disagree; using mpp"
+        )
+    if meta_mpp is not None and abs(meta_mpp - mpp) / mpp > 0.05:
+        notes.append(
+            f"{name}: the CSV's {mpp:g} µm/px overrides {meta_mpp:g} µm/px from the slide's metadata"
+        )
+    return SlideMpp(float(mpp), "csv", "; ".join(notes) or None)

@@ -41,3 +41,18 @@ def test_broken_and_missing_slides_raise_readable_errors(slides_dir: Path, tmp_p
         open_slide(slides_dir / "broken.svs")
     with pytest.raises(SlideError, match="file not found"):
         open_slide(tmp_path / "nope.svs")
+
+
+def test_csv_values_come_first() -> None:
+    """Issue 18: what the user gives (the input CSV) > the slide's metadata > objective > fallback_mpp."""
+    props = {"openslide.mpp-x": "0.499", "openslide.mpp-y": "0.499", "openslide.objective-power": "20"}
+    got = resolve_mpp(props, fallback_mpp=1.0, name="s", csv_mpp=0.25)
+    assert (got.mpp, got.source) == (0.25, "csv") and "overrides 0.499" in got.warning
+    assert resolve_mpp(props, 1.0, csv_mpp=0.5).warning is None  # agrees with the metadata within 5%
+    got = resolve_mpp({}, fallback_mpp=None, csv_magnification=40)
+    assert (got.mpp, got.source) == (0.25, "csv") and "magnification 40x" in got.warning
+    got = resolve_mpp({}, None, csv_mpp=0.5, csv_magnification=40)  # mpp wins over magnification
+    assert got.mpp == 0.5 and "disagree; using mpp" in got.warning
+    assert resolve_mpp(props, 1.0).source == "metadata"
+    with pytest.raises(SlideError, match="not a positive number"):
+        resolve_mpp({}, None, csv_mpp=-1.0)
