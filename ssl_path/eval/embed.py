@@ -59,6 +59,7 @@ from ssl_path.eval.runner import backbone_img_size
 from ssl_path.eval.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ssl_path.tiling import (
     SlideError,
+    SlideRecord,
     TilingConfig,
     open_fast_reader,
     open_slide,
@@ -233,13 +234,23 @@ def single_mpp(cfg: TilingConfig) -> float:
 
 @contextlib.contextmanager
 def read_slide_tiles(
-    path: str | Path, slide_id: str, cfg: TilingConfig, payload: Callable[[np.ndarray], Any]
+    path: str | Path,
+    slide_id: str,
+    cfg: TilingConfig,
+    payload: Callable[[np.ndarray], Any],
+    record: SlideRecord | None = None,
 ) -> Iterator[tuple[dict, Iterator[Tile]]]:
     """Open ``path`` the way ``ssl-path-tile`` does and yield ``(info, tiles)``: the tiles the tiler
     keeps at ``cfg``'s one target mpp, read straight from the slide (no JPEG), in the tiler's order."""
     target = single_mpp(cfg)
     with open_slide(path) as slide:
-        slide_mpp = resolve_mpp(dict(slide.properties), cfg.fallback_mpp, name=slide_id)
+        slide_mpp = resolve_mpp(
+            dict(slide.properties),
+            cfg.fallback_mpp,
+            name=slide_id,
+            csv_mpp=None if record is None else record.mpp,
+            csv_magnification=None if record is None else record.magnification,
+        )
         mask = tissue_mask(slide, slide_mpp.mpp, cfg)
         fast = open_fast_reader(path, slide, slide_mpp.mpp, cfg)
         try:
@@ -316,14 +327,18 @@ def read_shard_tiles(
     yield info, tiles()
 
 
-def slide_inputs(slides: Mapping[str, str | Path], cfg: TilingConfig) -> list[SlideInput]:
-    """``{slide_id: slide path}`` -> inputs read straight from the slides with ``cfg``."""
+def slide_inputs(slides: Mapping[str, str | Path | SlideRecord], cfg: TilingConfig) -> list[SlideInput]:
+    """``{slide_id: slide path or SlideRecord}`` -> inputs read straight from the slides with ``cfg``; a
+    record's CSV ``mpp`` / ``magnification`` win over the slide's metadata, as in ``ssl-path-tile``."""
     single_mpp(cfg)
+    records = {sid: r if isinstance(r, SlideRecord) else SlideRecord(Path(r)) for sid, r in slides.items()}
     return [
         SlideInput(
-            sid, str(Path(p).resolve()), lambda payload, p=p, sid=sid: read_slide_tiles(p, sid, cfg, payload)
+            sid,
+            str(Path(r.path).resolve()),
+            lambda payload, r=r, sid=sid: read_slide_tiles(r.path, sid, cfg, payload, record=r),
         )
-        for sid, p in slides.items()
+        for sid, r in records.items()
     ]
 
 

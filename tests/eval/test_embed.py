@@ -290,3 +290,20 @@ def test_slurm_array_template_splits_slides_into_one_output(slides_dir, smoke_ck
         "CMU-1-Small-Region": "done",
         "broken": "failed",
     }
+
+
+def test_csv_mpp_reaches_the_embedding_as_in_the_tiler(slides_dir, smoke_ckpt, tmp_path):
+    """An input CSV that gives the TCGA slide's mpp (it records none) embeds it without fallback_mpp,
+    with mpp_source "csv" and the tiler's extent at that mpp, as ssl-path-tile would tile it."""
+    from ssl_path.tiling import find_slide_records, record_ids
+
+    table = tmp_path / "slides.csv"
+    table.write_text(f"path,mpp,patient_id\n{slides_dir / 'TCGA-CR-7395-01A-01-TS1.svs'},0.25,P7\n")
+    no_fallback = TilingConfig(target_mpps=[0.5], tile_size=112, max_tiles_per_slide=4)
+    encoder, info = load_encoder(smoke_ckpt, EmbedConfig(batch_size=4))
+    inputs = slide_inputs(record_ids(find_slide_records(table)), no_fallback)
+    manifest = embed_slides(inputs, tmp_path / "out", encoder, info, no_fallback.to_dict(), progress=False)
+    assert manifest["slides"]["TCGA-CR-7395-01A-01-TS1"]["status"] == "done"
+    with h5py.File(tmp_path / "out" / "TCGA-CR-7395-01A-01-TS1.h5") as f:
+        assert (f.attrs["mpp_source"], f.attrs["slide_mpp"], f.attrs["extent"]) == ("csv", 0.25, 224.0)
+        assert f["features"].shape[0] == 4
