@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ssl_path.contracts import Batch
 from ssl_path.data.augment import MultiCropConfig
 from ssl_path.data.collate import MaskingConfig, MultiCropCollate, finish_on_device
-from ssl_path.data.manifest import load_manifest, select_shards, select_slides
+from ssl_path.data.manifest import RemoteConfig, load_manifest, select_shards, select_slides
 from ssl_path.data.stream import TAG_RESEED, MultiCropStream
 
 STATE_VERSION = 1
@@ -36,7 +36,9 @@ class SSLDataModule(L.LightningDataModule):
     """WebDataset shards -> DINOv2 multi-crop batches (CPU or GPU augmentation), resumable.
 
     Args:
-        root: directory holding ``manifest.json`` and ``shards/`` (output of ``ssl-path-tile``).
+        root: directory holding ``manifest.json`` and ``shards/`` (output of ``ssl-path-tile``), or its
+            URL: ``http(s)://``, ``s3://``, ``gs://`` (fsspec), ``pipe:<command>`` (webdataset); remote
+            shards are streamed, never copied.
         tier: data-size tier: fraction of slides (float), number of slides (int) or slide ids (list).
         tier_seed: seed of the slide order that tiers are prefixes of.
         batch_size: tiles per batch per rank (each gives n_global + n_local crops).
@@ -52,6 +54,8 @@ class SSLDataModule(L.LightningDataModule):
         shards_per_chunk: shards read in parallel by a stream (sample mixing across slides).
         window: raw samples read per shard per chunk (chunk size = shards_per_chunk * window).
         pin_memory, prefetch_factor: DataLoader options (prefetch_factor ignored with 0 workers).
+        remote: how a remote ``root`` is read (:class:`~ssl_path.data.manifest.RemoteConfig`: retries,
+            backoff, timeout, read-ahead, fsspec storage options); None: its defaults.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class SSLDataModule(L.LightningDataModule):
         window: int = 256,
         pin_memory: bool = True,
         prefetch_factor: int = 2,
+        remote: RemoteConfig | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0 or shards_per_chunk < 1 or window < 1:
@@ -95,6 +100,7 @@ class SSLDataModule(L.LightningDataModule):
         self.device_augment = device_augment
         self.shards_per_chunk, self.window = shards_per_chunk, window
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.remote = remote if remote is not None else RemoteConfig()
         self.collate = MultiCropCollate(self.augmentation, self.masking, patch_size, device_augment)
         self.rank, self.world_size = 0, 1
         self.shards: list = []
@@ -114,7 +120,7 @@ class SSLDataModule(L.LightningDataModule):
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         elif dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        manifest = load_manifest(self.root)
+        manifest = load_manifest(self.root, self.remote)
         self.slides = select_slides(manifest, self.tier, self.tier_seed)
         self.shards = select_shards(manifest, self.root, self.slides)
 
@@ -132,6 +138,7 @@ class SSLDataModule(L.LightningDataModule):
             cursors=self._cursors,
             shards_per_chunk=self.shards_per_chunk,
             window=self.window,
+            remote=self.remote,
         )
         return DataLoader(
             dataset,

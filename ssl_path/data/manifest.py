@@ -8,23 +8,69 @@ The manifest is input (it may be edited by hand or copied between machines), so 
 load against the writer's schema by the reader the tiler uses too (``ssl_path.contracts``; the schema
 is docs/interfaces.md). Whether each shard really holds ``num_samples`` samples is checked when the
 stream reads it (``ssl_path.data.stream``).
+
+The dataset root may be a URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``; see
+``ssl_path.contracts.open_location``): shard paths become URLs under it, and :class:`RemoteConfig` says
+how they are read (retries, timeouts, the fsspec storage options).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ssl_path.contracts import MANIFEST_NAME, read_manifest, validate_manifest
+from ssl_path.contracts import MANIFEST_NAME, join_location, read_manifest, validate_manifest
 from ssl_path.contracts import ManifestError as ManifestError  # re-exported: ssl_path.data's API
+
+
+@dataclass
+class RemoteConfig:
+    """How a remote dataset (``data.root`` a URL) is read: the ``data.remote`` keys.
+
+    Args:
+        retries: tries after the first for each open and each read of a remote file; a shard still
+            failing is skipped and counted as ``remote_error``, a manifest still failing is an error.
+        backoff_s: sleep before retry k is ``backoff_s * 2**k`` (capped at a minute).
+        timeout_s: bound on connecting and on each read (http, s3).
+        block_size: read-ahead bytes per request for range-reading protocols (s3, gs); http streams
+            one GET per shard.
+        storage_options: passed to the fsspec file system, e.g. ``{"endpoint_url": ...}`` for an
+            S3-compatible store, ``{"anon": true}``, ``{"client_kwargs": {...}}``.
+    """
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+    block_size: int = 8 << 20
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.block_size < 1:
+            raise ValueError("remote: need retries >= 0, backoff_s >= 0, timeout_s > 0, block_size >= 1")
+        self.storage_options = _plain(self.storage_options or {})
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of ``ssl_path.contracts.open_location`` / ``read_manifest``."""
+        return dataclasses.asdict(self)
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings and sequences as dicts and lists (hydra passes DictConfig/ListConfig)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One shard to stream: absolute path, sample count from the manifest, and the slide filter.
+    """One shard to stream: absolute path or URL, sample count from the manifest, and the slide filter.
 
     ``keep`` is None when every sample of the shard belongs to the tier, else the slide ids to keep.
     """
@@ -34,14 +80,17 @@ class ShardRef:
     keep: frozenset[str] | None
 
 
-def load_manifest(root: str | Path) -> dict:
+def load_manifest(root: str | Path, remote: RemoteConfig | None = None) -> dict:
     """Read and validate ``<root>/manifest.json`` (format in docs/interfaces.md).
+
+    ``root`` may be a URL, read as ``remote`` says (defaults: :class:`RemoteConfig`).
 
     Raises:
         FileNotFoundError: no manifest under ``root``.
         ManifestError: not JSON, or a field of the wrong type or value (see :func:`validate_manifest`).
+        ssl_path.contracts.RemoteReadError: a remote manifest unreadable after the retries (names the URL).
     """
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, **(remote or RemoteConfig()).options())
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST_NAME} under {root!s}; run ssl-path-tile first")
     return manifest
@@ -91,7 +140,7 @@ def select_shards(manifest: dict, root: str | Path, slides: Sequence[str]) -> li
     The manifest is validated again here (cheap) because this is where its paths become file names,
     and a caller may pass a dict that did not come from :func:`load_manifest`.
     """
-    validate_manifest(manifest, Path(root) / MANIFEST_NAME)
+    validate_manifest(manifest, join_location(root, MANIFEST_NAME))
     chosen = set(slides)
     shards = []
     for entry in manifest["shards"]:
@@ -99,7 +148,7 @@ def select_shards(manifest: dict, root: str | Path, slides: Sequence[str]) -> li
         if not ids & chosen or entry.get("num_samples", 0) <= 0:
             continue
         keep = None if ids <= chosen else frozenset(ids & chosen)
-        shards.append(ShardRef(str(Path(root) / entry["path"]), int(entry["num_samples"]), keep))
+        shards.append(ShardRef(join_location(root, entry["path"]), int(entry["num_samples"]), keep))
     if not shards:
         raise ValueError(f"no non-empty shard holds the selected slides {sorted(chosen)[:5]}...")
     return shards

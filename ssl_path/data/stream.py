@@ -18,6 +18,11 @@ reason (:class:`SkipCounter`) and skipped, never fatal, unless a stream finds no
 A shard read to its end that holds fewer or more samples than the manifest says is counted as
 ``count_mismatch``: the layout above trusts those counts, so a wrong one must show in the stats
 rather than silently starve (or truncate) the stream.
+
+Remote shards (URLs, ``pipe:`` commands) are streamed through ``ssl_path.contracts.open_location``:
+an open or read that fails is retried with backoff (reopening at the byte reached), and a shard still
+failing after the retries is counted as ``remote_error`` (the warning names the URL) and skipped like
+a corrupt one. Positions are logical (chunk, sample index), so resume is the same for remote data.
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ssl_path.contracts import RemoteReadError, is_remote, open_location
 from ssl_path.data.decode import DecodeError, decode_tile
-from ssl_path.data.manifest import ShardRef
+from ssl_path.data.manifest import RemoteConfig, ShardRef
 
 # Tags that separate the RNG streams derived from one seed.
 TAG_DRAW, TAG_PERM, TAG_AUG, TAG_RESEED = 1, 2, 3, 4
 _DRAW_BLOCK = 1024
 _MAX_FAILURES = 10_000
+# remote shards failing (after their retries) with no tile between: the store is down, not a bad shard
+_MAX_REMOTE_FAILURES = 32
 
 
 class DataSkipWarning(RuntimeWarning):
@@ -49,8 +57,10 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self.last: dict[str, str] = {}  # the latest detail per reason, for error messages
 
     def add(self, reason: str, detail: str) -> None:
+        self.last[reason] = detail
         if reason not in self.counts:
             warnings.warn(
                 f"ssl_path.data: skipping input ({reason}): {detail}. Further '{reason}' skips are only "
@@ -63,6 +73,8 @@ class SkipCounter:
 
 def _tar_reason(exn: Exception) -> tuple[str, bool]:
     """Map a webdataset reader exception to (reason, keep reading this shard)."""
+    if isinstance(exn, RemoteReadError):  # a remote shard still failing mid-read after its retries
+        return "remote_error", False
     if isinstance(exn, ValueError) and "duplicate file name" in str(exn):
         return "duplicate_member", True
     if isinstance(exn, tarfile.TarError | EOFError | OSError):
@@ -70,8 +82,13 @@ def _tar_reason(exn: Exception) -> tuple[str, bool]:
     return "tar_error", False
 
 
-def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> Iterator[dict]:
+def iter_shard(
+    path: str, counter: SkipCounter, expected: int | None = None, remote: RemoteConfig | None = None
+) -> Iterator[dict]:
     """Samples (``__key__``, ``jpg``, ``json`` ...) of one tar; reading stops at the first tar error.
+
+    ``path`` may be a URL or ``pipe:`` command, read as ``remote`` says (retries, timeouts, storage
+    options); one that cannot be opened or read after the retries is counted as ``remote_error``.
 
     With ``expected`` (the manifest's ``num_samples``) at most that many samples are yielded, and a
     tar that ends cleanly with fewer, or that holds more (noticed when a caller asks for one more),
@@ -92,9 +109,12 @@ def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> 
         return keep_going
 
     try:
-        f = open(path, "rb")  # noqa: SIM115 -- closed in finally; the generator may be abandoned
+        f = open_location(path, **(remote or RemoteConfig()).options())
+    except RemoteReadError as exn:
+        counter.add("remote_error", str(exn))
+        return
     except OSError as exn:
-        counter.add("missing_shard", f"{path}: {exn!r}")
+        counter.add("remote_error" if is_remote(path) else "missing_shard", f"{path}: {exn!r}")
         return
     n = 0
     try:
@@ -118,9 +138,15 @@ class _Slot:
     """Walks seeded shard draws, reading each drawn shard front to back in windows of raw samples."""
 
     def __init__(
-        self, shards: Sequence[ShardRef], window: int, key: Sequence[int], counter: SkipCounter
+        self,
+        shards: Sequence[ShardRef],
+        window: int,
+        key: Sequence[int],
+        counter: SkipCounter,
+        remote: RemoteConfig | None = None,
     ) -> None:
         self.shards, self.window, self.key, self.counter = shards, window, list(key), counter
+        self.remote = remote
         sizes = np.array([s.num_samples for s in shards], dtype=np.float64)
         self.probs = sizes / sizes.sum()
         self.n_windows = [-(-s.num_samples // window) for s in shards]
@@ -149,7 +175,7 @@ class _Slot:
         d, start = self._locate(chunk)
         shard = self.shards[self._draw(d)]
         if self._reader_at != (d, start):
-            self._reader = iter_shard(shard.path, self.counter, shard.num_samples)
+            self._reader = iter_shard(shard.path, self.counter, shard.num_samples, self.remote)
             for _ in zip(range(start), self._reader, strict=False):  # resume: skip to the offset
                 pass
         n = min(self.window, shard.num_samples - start)
@@ -183,13 +209,14 @@ class TileStream:
         shards_per_chunk: int,
         window: int,
         counter: SkipCounter,
+        remote: RemoteConfig | None = None,
     ) -> None:
         if not shards:
             raise ValueError("TileStream needs at least one shard")
         self.key = (seed, rank, stream_id)
         self.counter = counter
         self.slots = [
-            _Slot(shards, window, (seed, TAG_DRAW, rank, stream_id, j), counter)
+            _Slot(shards, window, (seed, TAG_DRAW, rank, stream_id, j), counter, remote)
             for j in range(shards_per_chunk)
         ]
 
@@ -213,13 +240,20 @@ class TileStream:
     def tiles(self, chunk: int = 0, index: int = 0) -> Iterator[tuple[torch.Tensor, int, int]]:
         """Decoded tiles (undecodable samples counted and skipped) with the position after each."""
         failures = 0
+        remote_seen = self.counter.counts["remote_error"]
         for sample, chunk_, next_index in self.samples(chunk, index):
             tile = self._decode(sample) if sample else None
             if tile is not None:
-                failures = 0
+                failures, remote_seen = 0, self.counter.counts["remote_error"]
                 yield tile, chunk_, next_index
                 continue
             failures += 1
+            remote = self.counter.counts["remote_error"] - remote_seen
+            if remote >= _MAX_REMOTE_FAILURES:
+                raise RuntimeError(
+                    f"stream {self.key}: {remote} remote shards in a row failed after their retries "
+                    f"(data.remote); the latest: {self.counter.last['remote_error']}"
+                )
             if failures >= _MAX_FAILURES:
                 raise RuntimeError(
                     f"stream {self.key}: {failures} samples/chunks in a row gave no tile; skipped so far "
@@ -249,6 +283,7 @@ class MultiCropStream(torch.utils.data.IterableDataset):
     Args:
         make_batch: ``(tiles, rng) -> dict``, the augmentation + masking + collate step.
         cursors: stream -> (chunk, index, batch index) to resume from; missing streams start at 0.
+        remote: how remote shards are read (URL shard paths); None: the defaults.
     """
 
     def __init__(
@@ -263,12 +298,14 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         cursors: dict[int, tuple[int, int, int]] | None = None,
         shards_per_chunk: int = 4,
         window: int = 256,
+        remote: RemoteConfig | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.make_batch, self.batch_size = list(shards), make_batch, batch_size
         self.seed, self.rank, self.num_streams, self.stream_offset = seed, rank, num_streams, stream_offset
         self.cursors = dict(cursors or {})
         self.shards_per_chunk, self.window = shards_per_chunk, window
+        self.remote = remote
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -279,7 +316,14 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         start_chunk, start_index, batch_index = self.cursors.get(stream_id, (0, 0, 0))
         counter = SkipCounter()
         stream = TileStream(
-            self.shards, self.seed, self.rank, stream_id, self.shards_per_chunk, self.window, counter
+            self.shards,
+            self.seed,
+            self.rank,
+            stream_id,
+            self.shards_per_chunk,
+            self.window,
+            counter,
+            self.remote,
         )
         tiles: list[torch.Tensor] = []
         for tile, chunk, index in stream.tiles(start_chunk, start_index):
