@@ -6,11 +6,14 @@ same command, or a requeued job, continues the run exactly) and fits. ``main`` o
 
     ssl-path-train experiment=smoke                      # tiny ViT on the bundled slides, CPU
     ssl-path-train experiment=smoke hydra.run.dir=/tmp/r trainer.max_steps=20
+
+Run dir names and the data check that runs before one exists: ``ssl_path.cli.run_dir``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 import warnings
@@ -27,6 +30,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_path import CONFIG_DIR
+from ssl_path.cli.run_dir import check_config_data, legacy_resumes  # registers the run-dir resolver
 from ssl_path.config_validation import ConfigValidationError, validate_config
 from ssl_path.contracts import (
     CHECKPOINT_DIR,
@@ -248,7 +252,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "overwrite=true: only with resume=false (it moves the run dir's checkpoints aside for a "
             "fresh start); resume=true continues from them"
         )
+    check_config_data(cfg)  # data.root and its manifest, before anything is created (DataRootError)
     run_dir = Path(cfg.paths.output_dir)
+    new_name = legacy_resumes.get(os.path.abspath(run_dir))
+    if new_name is not None:
+        log.warning(
+            "resuming in %s, named by the previous run-dir scheme (it holds the checkpoints); this command "
+            "now names its run dir %s: `mv` the old dir there to adopt it", run_dir, new_name,
+        )  # fmt: skip
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     L.seed_everything(cfg.seed, workers=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_path.contracts import dataset_id, read_manifest
 from tests.train.runs import REPO, checkpoint_step, tiny_overrides, train_env
 
 
@@ -211,7 +213,7 @@ def test_smoke_experiment_learns_and_checkpoints(tiled_root, tmp_path):
     args = [
         "experiment=smoke",
         f"data.root={tiled_root}",
-        f"paths.root_dir={tmp_path}",  # run dir: <root>/runs/smoke/<overrides that change the run>
+        f"paths.root_dir={tmp_path}",  # run dir: <root>/runs/smoke/<name from the overrides>
         "data.batch_size=8",
         "optim.lr=0.1",
         "logger=csv",
@@ -220,7 +222,10 @@ def test_smoke_experiment_learns_and_checkpoints(tiled_root, tmp_path):
         "trainer.enable_progress_bar=false",
     ]
     assert _finish(_start(args, log, console_script=True), log) == 0, log.read_text()[-3000:]
-    run_dir = tmp_path / "runs" / "smoke" / f"data.batch_size=8,data.root={tiled_root},optim.lr=0.1"
+    # runs/smoke/<readable overrides>-<hash>; data.root enters as the dataset's id (ssl_path.cli.run_dir)
+    (run_dir,) = (tmp_path / "runs" / "smoke").iterdir()
+    data_id = dataset_id(read_manifest(tiled_root))
+    assert re.fullmatch(f"dataset={data_id},batch_size=8,lr=0.1-[0-9a-f]{{8}}", run_dir.name), run_dir.name
     assert (run_dir / "checkpoints" / "last.ckpt").is_file(), sorted(p for p in tmp_path.rglob("*.ckpt"))
     rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
     dino = [float(r["loss/dino"]) for r in rows if r.get("loss/dino")]
