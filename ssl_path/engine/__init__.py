@@ -1,5 +1,6 @@
 """The training runtime, apart from the method: checkpoint IO and cadence, preemption, the non-finite
-guard, RNG state, parallelism (compile + FSDP2), telemetry (progress bar, throughput)."""
+guard, RNG state, parallelism (compile + FSDP2), telemetry (progress bar, step log lines with the
+data-wait share, throughput)."""
 
 from ssl_path.engine.checkpointing import AtomicCheckpointIO, PeriodicCheckpoint
 from ssl_path.engine.nonfinite import (
@@ -12,6 +13,7 @@ from ssl_path.engine.nonfinite import (
 from ssl_path.engine.parallel import DataParallelFSDP, parallelize
 from ssl_path.engine.preemption import GracefulStop, SubmititRequeue
 from ssl_path.engine.progress import LossProgressBar
+from ssl_path.engine.step_log import StepLog
 from ssl_path.engine.throughput import ThroughputMeter
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "PeriodicCheckpoint",
+    "StepLog",
     "SubmititRequeue",
     "ThroughputMeter",
     "apply_found_inf",
