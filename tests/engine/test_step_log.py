@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import subprocess
-import sys
 import time
 
 import lightning as L
@@ -24,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine import StepLog
 from ssl_path.engine.step_log import DATA_WAIT_METRIC, format_line
-from tests.helpers.sync import SyncRecorder
+from tests.helpers.sync import StepSyncs
 from tests.method.tiny import BATCH_SIZE, cpu_trainer, scheduled_module
-from tests.train.runs import REPO, tiny_overrides, train_env
+from tests.train.runs import run_train, tiny_overrides
 
 LINE = re.compile(
     r"step (?P<step>\d+)/(?P<total>\d+) \((?P<pct>\d+)%\) \| loss (?P<loss>\S+) dino \S+ ibot \S+ koleo \S+"
@@ -147,30 +145,9 @@ def test_lines_every_n_steps_and_the_data_wait_of_a_slow_and_a_fast_loader(caplo
     assert min(s["data_wait_share"] for s in slow) > max(f["data_wait_share"] for f in fast) + 0.2
 
 
-class _RecordSyncs(L.Callback):
-    """Records the syncs from one batch start to the next (first in the callback list)."""
-
-    def __init__(self):
-        self.per_step: list[list[str]] = []
-        self._mode = None
-
-    def _close(self):
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self.per_step.append(self._mode.syncs)
-            self._mode = None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._close()
-        self._mode = SyncRecorder().__enter__()
-
-    def on_train_end(self, trainer, module):
-        self._close()
-
-
 def test_no_device_read_between_lines():
     """With StepLog every 4 steps (and the module logging every 4), steps 1, 2 and 4 read nothing."""
-    rec, step_log = _RecordSyncs(), StepLog(every_n_steps=4)
+    rec, step_log = StepSyncs(), StepLog(every_n_steps=4)
     trainer = cpu_trainer(6, log_every_n_steps=4, callbacks=[rec, step_log])
     trainer.fit(scheduled_module(total_steps=6), _loader(6, 0.0))
     assert len(rec.per_step) == 6
@@ -203,15 +180,7 @@ def test_cli_run_writes_step_lines_to_train_log(tiled_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_overrides(tiled_root) if not o.startswith("trainer.log_every_n_steps=")]
     args = [*overrides, "trainer.max_steps=4", "trainer.log_every_n_steps=2", f"hydra.run.dir={run_dir}"]
-    out = subprocess.run(
-        [sys.executable, "-m", "ssl_path.cli.train", *args],
-        cwd=REPO,
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    out = run_train(args)
     log_file = run_dir / "train.log"
     assert log_file.is_file(), sorted(p.name for p in run_dir.iterdir())
     lines = [LINE.search(line) for line in log_file.read_text().splitlines()]

@@ -43,7 +43,7 @@ from ssl_path.tiling import (
 )
 from ssl_path.tiling.reader import best_level, read_tiles
 from tests.helpers.run_if import RunIf
-from tests.train.runs import REPO, tiny_overrides, train_env
+from tests.train.runs import REPO, run_train, tiny_overrides
 
 # 112 px tiles at 0.5 µm/px, 12 per slide: the tiler's sampling keeps the test fast on 2 CPUs.
 # The bundled TCGA slide records no mpp: the tiler's fallback (40x) is used, as tiling=tcga does.
@@ -56,15 +56,7 @@ def smoke_ckpt(tiled_root, tmp_path_factory) -> Path:
     """``last.ckpt`` of a real 2-step ssl-path-train smoke run (ViT-Ti/16 at 64 px; ~8 s on CPU)."""
     run_dir = tmp_path_factory.mktemp("embed_smoke") / "run"
     args = [*tiny_overrides(tiled_root), "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "ssl_path.cli.train", *args],
-        cwd=REPO,
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    run_train(args)
     return run_dir / "checkpoints" / "last.ckpt"
 
 

@@ -1,5 +1,6 @@
 """Records the aten ops that make the host wait for the device (a CUDA sync), visible on the CPU too."""
 
+import lightning as L
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -34,3 +35,25 @@ class SyncRecorder(TorchDispatchMode):
             if any(i is not None and i.dtype == torch.bool for i in indices):
                 self.syncs.append(f"{func} with a boolean mask")
         return func(*args, **kwargs)
+
+
+class StepSyncs(L.Callback):
+    """Records the syncs from one batch start to the next (put it first in the callback list): the
+    training step, backward, clipping, the optimiser, the EMA and every batch-end hook."""
+
+    def __init__(self):
+        self.per_step: list[list[str]] = []
+        self._mode = None
+
+    def _close(self):
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.per_step.append(self._mode.syncs)
+            self._mode = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._close()
+        self._mode = SyncRecorder().__enter__()
+
+    def on_train_end(self, trainer, module):
+        self._close()

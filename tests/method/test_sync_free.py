@@ -5,14 +5,13 @@ know a value (or an output size) computed on the device. These ops are visible o
 aten calls, so a TorchDispatchMode that records them proves the step sync-free without a GPU.
 """
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.method import DINOv2Module
-from tests.helpers.sync import SyncRecorder
+from tests.helpers.sync import StepSyncs, SyncRecorder
 from tests.method.tiny import cpu_trainer, tiny_module
 
 
@@ -72,31 +71,9 @@ def test_recorder_sees_the_syncs_it_is_meant_to_catch():
     assert rec.syncs and "boolean mask" in rec.syncs[0]
 
 
-class _RecordSyncs(L.Callback):
-    """Records syncs from one batch start to the next: the training step, backward, clipping, the
-    optimiser, the EMA and every batch-end hook (the module's runs after the callbacks')."""
-
-    def __init__(self):
-        self.per_step: list[list[str]] = []
-        self._mode = None
-
-    def _close(self):
-        if self._mode is not None:
-            self._mode.__exit__(None, None, None)
-            self.per_step.append(self._mode.syncs)
-            self._mode = None
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._close()
-        self._mode = SyncRecorder().__enter__()
-
-    def on_train_end(self, trainer, module):
-        self._close()
-
-
 def test_lightning_steps_are_sync_free_between_logging_steps():
     module = _module(max_nonfinite_steps=2, plateau_after_steps=0)  # the plateau check reads on logging steps
-    rec = _RecordSyncs()
+    rec = StepSyncs()
     batches = [_batch(i, poison=(i == 2)) for i in range(6)]
     trainer = cpu_trainer(6, log_every_n_steps=4, callbacks=[rec])
     trainer.fit(module, DataLoader(batches, batch_size=None, collate_fn=lambda x: x))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -36,3 +38,18 @@ def train_env() -> dict[str, str]:
 
 def checkpoint_step(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+def run_train(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m ssl_path.cli.train *args`` from the repo in ``train_env()``; fails the test (with the
+    output's tail) unless it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssl_path.cli.train", *args],
+        cwd=REPO,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc
