@@ -32,7 +32,7 @@ from ssl_path.eval.embed import (
     slide_inputs,
     summary_line,
 )
-from ssl_path.tiling import find_slide_records, record_ids, task_slides
+from ssl_path.tiling import task_records, task_slides
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,8 @@ def run(cfg: DictConfig) -> dict:
         ids = task_slides([i.slide_id for i in inputs], int(cfg.task_index), int(cfg.num_tasks))
         inputs = [i for i in inputs if i.slide_id in set(ids)]
     else:
-        records = find_slide_records(cfg.input, list(cfg.extensions))
-        if not records:
-            raise FileNotFoundError(
-                f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
-            )
-        share = set(task_slides([r.path for r in records], int(cfg.task_index), int(cfg.num_tasks)))
-        # ids (and CSV mpp / magnification) over the whole input, as ssl-path-tile: every task agrees
-        inputs = slide_inputs({sid: r for sid, r in record_ids(records).items() if r.path in share}, tiling)
+        mine = task_records(cfg.input, list(cfg.extensions), int(cfg.task_index), int(cfg.num_tasks))
+        inputs = slide_inputs(mine, tiling)
         recorded = tiling.to_dict()
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     encoder, info = load_encoder(cfg.checkpoint, embed_cfg, model_cfg, cfg.model_name, int(cfg.seed))

@@ -42,7 +42,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ssl_path import CONFIG_DIR
-from ssl_path.tiling import find_slide_records, record_ids, summary_line, task_slides, tile_slides
+from ssl_path.tiling import summary_line, task_records, tile_slides
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +51,7 @@ def run(cfg: DictConfig) -> dict:
     """Tile the slides named by ``cfg.input`` (this task's share of them) into ``cfg.output``; returns
     the manifest (``last_run`` holds this run's counts) after printing the summary line."""
     tiling = hydra.utils.instantiate(cfg.tiling, _convert_="all")
-    records = find_slide_records(cfg.input, list(cfg.extensions))
-    found = [r.path for r in records]
-    if not found:
-        raise FileNotFoundError(
-            f"no slides found for input={cfg.input!r} (extensions {list(cfg.extensions)})"
-        )
-    share = set(task_slides(found, int(cfg.task_index), int(cfg.num_tasks)))
-    # ids over the whole input, not this task's share: every task sees a stem clash, and agrees on ids
-    mine = {sid: rec for sid, rec in record_ids(records).items() if rec.path in share}
+    mine = task_records(cfg.input, list(cfg.extensions), int(cfg.task_index), int(cfg.num_tasks))
     manifest = tile_slides(
         mine, Path(cfg.output), tiling, workers=int(cfg.workers), progress=bool(cfg.progress)
     )

@@ -10,6 +10,7 @@ from ssl_path.tiling.inputs import (
     read_csv,
     record_ids,
     slide_ids,
+    task_records,
     task_slides,
 )
 from ssl_path.tiling.manifest import MANIFEST_NAME, load_manifest
@@ -48,6 +49,7 @@ __all__ = [
     "slide_ids",
     "slide_tiles",
     "summary_line",
+    "task_records",
     "task_slides",
     "thumbnail_tissue_mask",
     "tile_grid",

@@ -270,3 +270,19 @@ def task_slides(slides: Sequence[Path], task_index: int, num_tasks: int) -> list
             f"need 0 <= task_index < num_tasks, got task_index={task_index}, num_tasks={num_tasks}"
         )
     return sorted(slides)[task_index::num_tasks]
+
+
+def task_records(
+    input: str | Path | Sequence[str | Path],
+    extensions: Sequence[str],
+    task_index: int,
+    num_tasks: int,
+) -> dict[str, SlideRecord]:
+    """``{slide_id: record}`` of this array task's share of ``input`` (``ssl-path-tile`` and
+    ``ssl-path-embed``). Ids and CSV metadata come from the whole input, not the share: every task sees
+    a stem clash, and all agree on the ids. No slide at all raises ``FileNotFoundError``."""
+    records = find_slide_records(input, extensions)
+    if not records:
+        raise FileNotFoundError(f"no slides found for input={input!r} (extensions {list(extensions)})")
+    share = set(task_slides([r.path for r in records], task_index, num_tasks))
+    return {sid: r for sid, r in record_ids(records).items() if r.path in share}
