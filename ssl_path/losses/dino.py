@@ -29,7 +29,10 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
         return total / n
 
     so global x global cross pairs (T(T-1) of them) and local x global pairs ((S-T)T) are weighted
-    equally, one unit per (pair, image). Computed in fp32 outside autocast.
+    equally, one unit per (pair, image). Without local crops (S = T) the divisor is T(T-1) + 1, not
+    T(T-1): DINOv2 counts ``max(n_local * n_global, 1)`` local terms (``ssl_meta_arch.py``), so its
+    DINO term is then 2/3 of the mean over the 2 global pairs; this keeps that. Computed in fp32
+    outside autocast.
 
     Args:
         student_logits: (S, B, K) raw student head outputs, crop-major.
@@ -57,4 +60,6 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
     n_pairs = n_teacher * n_student - min(n_teacher, n_student)  # = keep.sum(), without a host sync
     if n_pairs == 0:
         raise ValueError(f"no cross-view pairs with S={n_student} student and T={n_teacher} teacher crops")
-    return (ce * keep).sum() / (n_pairs * batch)
+    n_local_terms = max((n_student - n_teacher) * n_teacher, 1)  # DINOv2's count: at least 1
+    n_terms = n_teacher * (n_teacher - 1) + n_local_terms if n_student >= n_teacher else n_pairs
+    return (ce * keep).sum() / (n_terms * batch)

@@ -73,6 +73,8 @@ class DINOv2Module(L.LightningModule):
         centering: ``sinkhorn_knopp`` (DINOv2) or ``softmax`` (DINO's EMA centre).
         center_momentum: EMA momentum of the softmax centre.
         separate_ibot_head: a second head for iBOT (DINOv2 large configs) or the DINO head shared.
+        ibot_head: keyword arguments of ``head`` that differ for the separate iBOT head, e.g.
+            ``{bottleneck_dim: 256}`` (DINOv2's ViT-L/g: DINO bottleneck 384, iBOT 256); None: the same.
         ibot_normalization: ``dinov2`` (the masked-patch CE summed with per-image weights and divided
             by all ``n_g * B`` global crops, as DINOv2) or ``masked_images`` (divided by the number of
             masked crops: with mask probability 0.5, twice the ``dinov2`` term); ``losses.ibot``.
@@ -118,6 +120,7 @@ class DINOv2Module(L.LightningModule):
         centering: str = "sinkhorn_knopp",
         center_momentum: float = 0.9,
         separate_ibot_head: bool = True,
+        ibot_head: dict[str, Any] | None = None,
         ibot_normalization: str = "dinov2",
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
@@ -160,17 +163,21 @@ class DINOv2Module(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.seed = seed
         self.plateau = PlateauMonitor(plateau_tolerance, plateau_after_steps)
-        self.student = self._build_model(backbone, head, separate_ibot_head, drop_path=None)
-        self.teacher = self._build_model(backbone, head, separate_ibot_head, drop_path=0.0)
+        if ibot_head and not separate_ibot_head:
+            raise ValueError(
+                "method.ibot_head configures the separate iBOT head: set separate_ibot_head=true"
+            )
+        ibot_kwargs = dict(ibot_head or {})
+        self.student = self._build_model(backbone, head, separate_ibot_head, None, ibot_kwargs)
+        self.teacher = self._build_model(backbone, head, separate_ibot_head, 0.0, ibot_kwargs)
         self.teacher.load_state_dict(self.student.state_dict())
         if activation_checkpointing:
             self.student["backbone"].vit.set_grad_checkpointing(True)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        out_dim = _head_out_dim(self.student["dino_head"])
         if centering == "softmax":
-            self.dino_center = L_.SoftmaxCenter(out_dim)
-            self.ibot_center = L_.SoftmaxCenter(out_dim)
+            self.dino_center = L_.SoftmaxCenter(_head_out_dim(self.student["dino_head"]))
+            self.ibot_center = L_.SoftmaxCenter(_head_out_dim(self.student["ibot_head"]))
         self.schedules: Schedules | None = None  # needs the world size: built in setup()
         self.run_config: dict | None = None  # the resolved run config, stored in checkpoints
         self._pending_rng: dict | None = None
@@ -180,10 +187,12 @@ class DINOv2Module(L.LightningModule):
         self._center_stats: dict[str, torch.Tensor] = {}  # softmax centring: this step's logit sums
 
     @staticmethod
-    def _build_model(backbone, head, separate_ibot_head: bool, drop_path: float | None) -> nn.ModuleDict:
+    def _build_model(
+        backbone, head, separate_ibot_head: bool, drop_path: float | None, ibot_kwargs: dict[str, Any]
+    ) -> nn.ModuleDict:
         bb = backbone() if drop_path is None else backbone(drop_path_rate=drop_path)
         dino_head = head(in_dim=bb.embed_dim)
-        ibot_head = head(in_dim=bb.embed_dim) if separate_ibot_head else dino_head
+        ibot_head = head(in_dim=bb.embed_dim, **ibot_kwargs) if separate_ibot_head else dino_head
         return nn.ModuleDict({"backbone": bb, "dino_head": dino_head, "ibot_head": ibot_head})
 
     # ------------------------------------------------------------------ set-up

@@ -5,10 +5,10 @@ Reference: facebookresearch/dinov2 ``dinov2/utils/param_groups.py`` (``get_vit_l
 (backbone, DINO head, iBOT head) separately. With ``L`` blocks in the backbone:
 
 * lr multiplier ``layer_decay ** (L + 1 - layer_id)`` (BEiT, Bao et al. 2021), with layer id 0 for the
-  patch embedding, positional embedding, class token and mask token; ``i + 1`` for block ``i``; and
-  ``L + 1`` (multiplier 1) for everything else: the final norm, the register tokens (DINOv2 calls them
-  ``register_tokens``, a name its embedding rule does not list) and the heads. The patch embedding
-  gets ``patch_embed_lr_mult`` on top.
+  patch embedding, positional embedding, class token, register tokens and mask token (DINOv2 lists
+  ``register_tokens`` among them since facebookresearch/dinov2#283, 2023-10); ``i + 1`` for block
+  ``i``; and ``L + 1`` (multiplier 1) for everything else: the final norm and the heads. The patch
+  embedding gets ``patch_embed_lr_mult`` on top.
 * weight-decay multiplier 0 for biases, normalisation-layer parameters and LayerScale gammas (DINOv2:
   names ending in ``.bias`` or containing ``norm`` or ``gamma``), 1 for everything else, tokens and the
   prototype norms ``g`` included. ``token_weight_decay=False`` also exempts the tokens (timm's
@@ -70,7 +70,7 @@ def _trunk_layer_ids(trunk: nn.Module) -> tuple[dict[str, int], int]:
     registers = {id(p) for p in (getattr(trunk, "reg_token", None),) if p is not None}
     for name, p in trunk.named_parameters():
         if id(p) in registers:
-            ids[name] = top  # DINOv2's `register_tokens` match none of its embedding names
+            ids[name] = 0  # an embedding, like the class token (DINOv2's `register_tokens`)
         else:
             ids[name] = min(ids[name], top)  # anything after the blocks: L + 1
     return ids, top

@@ -171,10 +171,20 @@ def ref_lr_decay_rate(name: str, lr_decay_rate: float, num_layers: int, force_is
     """get_vit_lr_decay_rate (chunked_blocks=False)."""
     layer_id = num_layers + 1
     if name.startswith("backbone") or force_is_backbone:
-        if ".pos_embed" in name or ".patch_embed" in name or ".mask_token" in name or ".cls_token" in name:  # noqa: SIM114
+        if (  # noqa: SIM114
+            ".pos_embed" in name
+            or ".patch_embed" in name
+            or ".mask_token" in name
+            or ".cls_token" in name
+            or ".register_tokens" in name
+        ):
             layer_id = 0
         elif force_is_backbone and (
-            "pos_embed" in name or "patch_embed" in name or "mask_token" in name or "cls_token" in name
+            "pos_embed" in name
+            or "patch_embed" in name
+            or "mask_token" in name
+            or "cls_token" in name
+            or "register_tokens" in name
         ):
             layer_id = 0
         elif ".blocks." in name and ".residual." not in name:

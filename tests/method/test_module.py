@@ -14,7 +14,7 @@ from ssl_path.engine import NonFiniteLossError
 from ssl_path.engine.nonfinite import NonFiniteWeightsError
 from ssl_path.method import OptimConfig
 from tests.method.tiny import BATCH_SIZE as B
-from tests.method.tiny import cpu_trainer, scheduled_module, synthetic_loader
+from tests.method.tiny import cpu_trainer, scheduled_module, synthetic_loader, tiny_module
 
 
 class _Recorder(L.Callback):
@@ -272,3 +272,21 @@ def test_a_hand_built_trainer_with_gradient_clip_val_is_refused():
     with the same rule the app's config check uses (method.module.unsupported_trainer_setting)."""
     with pytest.raises(ValueError, match=r"trainer.gradient_clip_val: must stay null \(got 1.0\)"):
         cpu_trainer(2, gradient_clip_val=1.0).fit(scheduled_module(), synthetic_loader(2))
+
+
+def test_separate_ibot_head_may_differ_from_the_dino_head() -> None:
+    """method.ibot_head: DINOv2's ViT-L/g keep the iBOT head's bottleneck at 256 while the DINO head has
+    384; the step and softmax centring follow each head's own size. Without a separate head it is refused."""
+    module = tiny_module(ibot_head={"bottleneck_dim": 8, "out_dim": 48}, centering="softmax")
+    for model in (module.student, module.teacher):
+        assert model["dino_head"].last_layer.in_features == 16
+        assert (model["ibot_head"].last_layer.in_features, model["ibot_head"].last_layer.out_features) == (
+            8,
+            48,
+        )
+    assert module.ibot_center.center.shape[-1] == 48 and module.dino_center.center.shape[-1] == 32
+    batch = synthetic_batch(2, 2, 2, 32, 16, patch_size=16, mask_probability=1.0, seed=0)
+    losses = module.compute_losses(module.student_output(batch), module.teacher_output(batch, 0.04), batch)
+    assert torch.isfinite(losses["total"]) and losses["ibot"] > 0
+    with pytest.raises(ValueError, match="set separate_ibot_head=true"):
+        tiny_module(ibot_head={"bottleneck_dim": 8}, separate_ibot_head=False)

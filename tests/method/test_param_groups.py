@@ -47,9 +47,9 @@ def test_layer_decay_and_patch_embed(student):
         0.2 * 0.5 ** (depth + 1)
     )
     # DINOv2's get_vit_lr_decay_rate: the final norm is layer depth+1 (timm would merge it into the last
-    # block), and `register_tokens` match none of its embedding names, so they are at depth+1 too
+    # block); `register_tokens` are embeddings at layer 0 like the class token (dinov2#283)
     assert groups["backbone.vit.norm.weight"]["lr_mult"] == 1.0
-    assert groups["backbone.vit.reg_token"]["lr_mult"] == 1.0
+    assert groups["backbone.vit.reg_token"]["lr_mult"] == pytest.approx(0.5 ** (depth + 1))
 
 
 NO_DECAY = [

@@ -199,6 +199,7 @@ BUILT: dict[str, Callable[[Built], Any]] = {
     "head.hidden": lambda b: b.head.mlp[0].out_features,
     "head.prototype_norm_trainable": _prototype_g,
     "ibot_head.separate": lambda b: b.module.student["ibot_head"] is not b.module.student["dino_head"],
+    "ibot_head.bottleneck": lambda b: b.module.student["ibot_head"].last_layer.in_features,
     "optim.lr_mult.head": _mult("lr_mult", "dino_head.mlp.0.weight"),
     "optim.lr_mult.last_block": _mult("lr_mult", QKV.format("{last}")),
     "optim.lr_mult.block_ratio": _ratio(QKV.format(0), QKV.format(1)),
