@@ -19,7 +19,7 @@ from ssl_path.data.manifest import (
     validate_manifest,
 )
 from ssl_path.data.masking import block_mask, mask_indices, sample_masks
-from ssl_path.data.stream import DataSkipWarning, MultiCropStream, SkipCounter, TileStream
+from ssl_path.data.stream import DataSkipWarning, MultiCropStream, SkipCounter, StreamPartition, TileStream
 from ssl_path.data.synthetic import synthetic_batch
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "SSLDataModule",
     "ShardRef",
     "SkipCounter",
+    "StreamPartition",
     "TileStream",
     "block_mask",
     "decode_tile",

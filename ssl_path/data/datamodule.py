@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
@@ -56,6 +56,11 @@ class SSLDataModule(L.LightningDataModule):
         pin_memory, prefetch_factor: DataLoader options (prefetch_factor ignored with 0 workers).
         remote: how a remote ``root`` is read (:class:`~ssl_path.data.manifest.RemoteConfig`: retries,
             backoff, timeout, read-ahead, fsspec storage options); None: its defaults.
+        sampling: ``partition``: each epoch's shards are split over all reading lanes (ranks x workers x
+            ``shards_per_chunk``), so no two ranks or workers read the same shard within an epoch and
+            every tile is read once per epoch; falls back to ``replacement`` (with a warning) when there
+            are fewer non-empty shards than lanes. ``replacement``: every lane draws shards with
+            replacement, independently (ssl_path before; streams may meet on a shard by chance).
     """
 
     def __init__(
@@ -79,8 +84,11 @@ class SSLDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         prefetch_factor: int = 2,
         remote: RemoteConfig | None = None,
+        sampling: Literal["partition", "replacement"] = "partition",
     ) -> None:
         super().__init__()
+        if sampling not in ("partition", "replacement"):
+            raise ValueError(f"data.sampling must be 'partition' or 'replacement', not {sampling!r}")
         if batch_size < 1 or num_workers < 0 or shards_per_chunk < 1 or window < 1:
             raise ValueError("need batch_size >= 1, num_workers >= 0, shards_per_chunk >= 1, window >= 1")
         self.root = str(root)
@@ -101,6 +109,7 @@ class SSLDataModule(L.LightningDataModule):
         self.shards_per_chunk, self.window = shards_per_chunk, window
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.remote = remote if remote is not None else RemoteConfig()
+        self.sampling = sampling
         self.collate = MultiCropCollate(self.augmentation, self.masking, patch_size, device_augment)
         self.rank, self.world_size = 0, 1
         self.shards: list = []
@@ -124,9 +133,34 @@ class SSLDataModule(L.LightningDataModule):
         self.slides = select_slides(manifest, self.tier, self.tier_seed)
         self.shards = select_shards(manifest, self.root, self.slides)
 
+    @property
+    def lanes(self) -> int:
+        """Shards read at once by the whole run: ranks x streams per rank x slots per stream."""
+        return self.world_size * self.num_streams * self.shards_per_chunk
+
+    @property
+    def effective_sampling(self) -> str:
+        """``sampling``, unless ``partition`` has fewer non-empty shards than lanes (then ``replacement``)."""
+        if not self.shards:
+            self.setup("fit")
+        if self.sampling == "partition" and sum(s.num_samples > 0 for s in self.shards) < self.lanes:
+            return "replacement"
+        return self.sampling
+
     def train_dataloader(self) -> DataLoader:
         if not self.shards:
             self.setup("fit")
+        sampling = self.effective_sampling
+        if sampling != self.sampling:
+            warnings.warn(
+                f"SSLDataModule: data.sampling=partition needs at least as many non-empty shards as reading "
+                f"lanes (world size {self.world_size} x streams {self.num_streams} x shards_per_chunk "
+                f"{self.shards_per_chunk} = {self.lanes}); {len(self.shards)} shards: drawing with "
+                "replacement instead (ranks may read the same tiles); tile with smaller shards for a "
+                "partition.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         dataset = MultiCropStream(
             self.shards,
             self.collate,
@@ -139,6 +173,8 @@ class SSLDataModule(L.LightningDataModule):
             shards_per_chunk=self.shards_per_chunk,
             window=self.window,
             remote=self.remote,
+            world_size=self.world_size,
+            partitioned=sampling == "partition",
         )
         return DataLoader(
             dataset,
@@ -184,6 +220,7 @@ class SSLDataModule(L.LightningDataModule):
             "stream_seed": self._stream_seed,
             "num_streams": self.num_streams,
             "world_size": self.world_size,
+            "sampling": self.effective_sampling,
             "consumed": self._consumed,
             "cursors": {str(r): c for r, c in enumerate(gathered)},
         }
@@ -200,6 +237,9 @@ class SSLDataModule(L.LightningDataModule):
             problems.append(f"streams (workers) {state_dict.get('num_streams')} -> {self.num_streams}")
         if state_dict.get("world_size") != self.world_size:
             problems.append(f"world size {state_dict.get('world_size')} -> {self.world_size}")
+        saved_sampling = state_dict.get("sampling", "replacement")  # checkpoints before data.sampling
+        if saved_sampling != self.effective_sampling:
+            problems.append(f"sampling {saved_sampling} -> {self.effective_sampling}")
         self._consumed = consumed
         if problems:
             warnings.warn(

@@ -4,10 +4,18 @@ A *stream* is identified by (seed, rank, stream_id) and is a pure function of it
 the state of a run is a few integers per stream and a resumed run sees exactly the samples an
 uninterrupted run would have seen, without replaying anything.
 
-Layout of a stream: ``shards_per_chunk`` *slots* each walk an endless sequence of shards drawn with
-replacement (probability proportional to sample count; the draws are seeded by the stream, the
-slot and the draw number) and read each drawn shard front to back in *windows* of ``window`` raw
-samples. Chunk c is window c of every slot; its samples (after the tier's slide filter) are permuted
+Layout of a stream: ``shards_per_chunk`` *slots* each walk an endless sequence of shards and read
+each shard front to back in *windows* of ``window`` raw samples. The sequence is either
+
+* ``partition`` (:class:`StreamPartition`): every slot of every stream of the run is one *lane*; epoch
+  e permutes all shards with a seed shared by every rank, and lane l of L reads shards
+  ``perm_e[l], perm_e[l + L], ...`` before moving on to epoch e + 1. Within an epoch no two lanes (so no
+  two workers, ranks or nodes) read the same shard, and the lanes together read every tile once
+  (DINOv2's sharded infinite sampler, at shard granularity); or
+* draws with replacement (probability proportional to sample count, seeded by the stream, the slot
+  and the draw number): streams are independent, and may meet on a shard by chance.
+
+ Chunk c is window c of every slot; its samples (after the tier's slide filter) are permuted
 with an RNG seeded by (stream, c). The position of a stream is (chunk, index in chunk); where each
 slot is at chunk c follows from the manifest's sample counts alone, so resuming opens the right
 shards and skips to the right offsets. Reading stays sequential (one open tar per slot), which is
@@ -27,11 +35,13 @@ a corrupt one. Positions are logical (chunk, sample index), so resume is the sam
 
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,7 +51,7 @@ from ssl_path.data.decode import DecodeError, decode_tile
 from ssl_path.data.manifest import RemoteConfig, ShardRef
 
 # Tags that separate the RNG streams derived from one seed.
-TAG_DRAW, TAG_PERM, TAG_AUG, TAG_RESEED = 1, 2, 3, 4
+TAG_DRAW, TAG_PERM, TAG_AUG, TAG_RESEED, TAG_EPOCH = 1, 2, 3, 4, 5
 _DRAW_BLOCK = 1024
 _MAX_FAILURES = 10_000
 # remote shards failing (after their retries) with no tile between: the store is down, not a bad shard
@@ -134,33 +144,86 @@ def iter_shard(
         f.close()
 
 
+@dataclass(frozen=True)
+class StreamPartition:
+    """A stream's place among all streams of a run: stream ``index`` of ``count``.
+
+    ``index = rank * streams_per_rank + stream_id`` and ``count = world_size * streams_per_rank``; slot j
+    of the stream is lane ``index * shards_per_chunk + j`` of ``count * shards_per_chunk``.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"stream {self.index} is not one of {self.count} streams")
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The shard order of one epoch: the same permutation on every rank and worker (seed, epoch)."""
+    order = np.random.default_rng([seed, TAG_EPOCH, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
+
+
+class _ReplacementDraws:
+    """Draw d of a slot: a shard drawn with replacement, probability proportional to its sample count."""
+
+    def __init__(self, shards: Sequence[ShardRef], key: Sequence[int]) -> None:
+        sizes = np.array([s.num_samples for s in shards], dtype=np.float64)
+        self.probs, self.key = sizes / sizes.sum(), list(key)
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def __call__(self, d: int) -> int:
+        block = d // _DRAW_BLOCK
+        if block not in self._blocks:
+            rng = np.random.default_rng([*self.key, block])
+            self._blocks = {block: rng.choice(len(self.probs), size=_DRAW_BLOCK, p=self.probs)}
+        return int(self._blocks[block][d % _DRAW_BLOCK])
+
+
+class _PartitionDraws:
+    """Draw d of lane ``lane`` of ``lanes``: its k-th shard of epoch e (``d = e * per_epoch + k``).
+
+    Lane l owns positions l, l + L, ... of each epoch's permutation of the non-empty shards, so the
+    lanes' shards are disjoint within an epoch and cover all of them.
+    """
+
+    def __init__(self, shards: Sequence[ShardRef], seed: int, lane: int, lanes: int) -> None:
+        self.nonempty = np.flatnonzero([s.num_samples > 0 for s in shards])
+        self.seed, self.lane, self.lanes = seed, lane, lanes
+        self.per_epoch = len(range(lane, len(self.nonempty), lanes))
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{len(self.nonempty)} non-empty shards cannot be partitioned over {lanes} reading lanes "
+                "(ranks x workers x data.shards_per_chunk); use data.sampling=replacement or smaller shards"
+            )
+
+    def __call__(self, d: int) -> int:
+        epoch, k = divmod(d, self.per_epoch)
+        order = _epoch_order(self.seed, epoch, len(self.nonempty))
+        return int(self.nonempty[order[self.lane + k * self.lanes]])
+
+
 class _Slot:
-    """Walks seeded shard draws, reading each drawn shard front to back in windows of raw samples."""
+    """Walks a sequence of shards (``draw(d)``: index of the d-th), reading each front to back in windows."""
 
     def __init__(
         self,
         shards: Sequence[ShardRef],
         window: int,
-        key: Sequence[int],
+        draw: Callable[[int], int],
         counter: SkipCounter,
         remote: RemoteConfig | None = None,
     ) -> None:
-        self.shards, self.window, self.key, self.counter = shards, window, list(key), counter
+        self.shards, self.window, self._draw, self.counter = shards, window, draw, counter
         self.remote = remote
-        sizes = np.array([s.num_samples for s in shards], dtype=np.float64)
-        self.probs = sizes / sizes.sum()
         self.n_windows = [-(-s.num_samples // window) for s in shards]
-        self._blocks: dict[int, np.ndarray] = {}
         self._walk = (0, 0)  # (draw d, first chunk of draw d)
         self._reader: Iterator[dict] | None = None
         self._reader_at: tuple[int, int] | None = None  # (draw, raw offset) the reader is positioned at
-
-    def _draw(self, d: int) -> int:
-        block = d // _DRAW_BLOCK
-        if block not in self._blocks:
-            rng = np.random.default_rng([*self.key, block])
-            self._blocks = {block: rng.choice(len(self.shards), size=_DRAW_BLOCK, p=self.probs)}
-        return int(self._blocks[block][d % _DRAW_BLOCK])
 
     def _locate(self, chunk: int) -> tuple[int, int]:
         """(draw, raw sample offset in that draw's shard) of window ``chunk``; pure arithmetic."""
@@ -198,7 +261,11 @@ def _slide_id(sample: dict) -> str | None:
 
 
 class TileStream:
-    """Decoded tiles of one stream, each with the position *after* it: ``(tile, chunk, next_index)``."""
+    """Decoded tiles of one stream, each with the position *after* it: ``(tile, chunk, next_index)``.
+
+    ``partition``: this stream's place among the run's streams (disjoint shards per epoch); None: every
+    slot draws shards with replacement.
+    """
 
     def __init__(
         self,
@@ -210,15 +277,21 @@ class TileStream:
         window: int,
         counter: SkipCounter,
         remote: RemoteConfig | None = None,
+        partition: StreamPartition | None = None,
     ) -> None:
         if not shards:
             raise ValueError("TileStream needs at least one shard")
         self.key = (seed, rank, stream_id)
         self.counter = counter
-        self.slots = [
-            _Slot(shards, window, (seed, TAG_DRAW, rank, stream_id, j), counter, remote)
+        draws: list[Callable[[int], int]] = [
+            _ReplacementDraws(shards, (seed, TAG_DRAW, rank, stream_id, j))
+            if partition is None
+            else _PartitionDraws(
+                shards, seed, partition.index * shards_per_chunk + j, partition.count * shards_per_chunk
+            )
             for j in range(shards_per_chunk)
         ]
+        self.slots = [_Slot(shards, window, draw, counter, remote) for draw in draws]
 
     def chunk(self, c: int) -> list[dict]:
         """The raw samples of chunk c in stream order."""
@@ -284,6 +357,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         make_batch: ``(tiles, rng) -> dict``, the augmentation + masking + collate step.
         cursors: stream -> (chunk, index, batch index) to resume from; missing streams start at 0.
         remote: how remote shards are read (URL shard paths); None: the defaults.
+        world_size: ranks in the run; with ``partitioned`` the ``world_size * num_streams`` streams
+            split each epoch's shards (:class:`StreamPartition`), else each draws with replacement.
     """
 
     def __init__(
@@ -299,13 +374,18 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         shards_per_chunk: int = 4,
         window: int = 256,
         remote: RemoteConfig | None = None,
+        world_size: int = 1,
+        partitioned: bool = False,
     ) -> None:
         super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} ranks")
         self.shards, self.make_batch, self.batch_size = list(shards), make_batch, batch_size
         self.seed, self.rank, self.num_streams, self.stream_offset = seed, rank, num_streams, stream_offset
         self.cursors = dict(cursors or {})
         self.shards_per_chunk, self.window = shards_per_chunk, window
         self.remote = remote
+        self.world_size, self.partitioned = world_size, partitioned
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -324,6 +404,9 @@ class MultiCropStream(torch.utils.data.IterableDataset):
             self.window,
             counter,
             self.remote,
+            StreamPartition(self.rank * self.num_streams + stream_id, self.world_size * self.num_streams)
+            if self.partitioned
+            else None,
         )
         tiles: list[torch.Tensor] = []
         for tile, chunk, index in stream.tiles(start_chunk, start_index):

@@ -16,6 +16,7 @@ from ssl_path.data import (
     ShardRef,
     SkipCounter,
     SSLDataModule,
+    StreamPartition,
     TileStream,
     load_manifest,
     select_shards,
@@ -97,16 +98,21 @@ def test_datamodule_batches_with_corrupt_shards(corrupt_root: Path) -> None:
         pin_memory=False,
     )
     dm.setup("fit")
-    stats = {}
+    assert dm.effective_sampling == "partition"  # 12 shards over 4 lanes: one epoch opens every shard
+    stats: dict = {}
+    n = 0
     with pytest.warns(DataSkipWarning):
-        for batch in islice(dm.train_dataloader(), 8):
+        for batch in islice(dm.train_dataloader(), 60):
             batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
             assert batch["global_crops"].shape == (8, 3, 224, 224)
             assert torch.isfinite(batch["global_crops"]).all()
-            stats = batch["data_stats"]
-    assert stats["samples"] == 32
+            stats, n = batch["data_stats"], n + 1
+            if stats.get("count_mismatch", 0) and stats.get("truncated_tar", 0):
+                break
+    assert stats["samples"] == 4 * n
     assert sum(v for k, v in stats.items() if k != "samples") > 0
     assert stats.get("count_mismatch", 0) > 0  # bad-empty: an empty tar the manifest says holds 50
+    assert stats.get("truncated_tar", 0) > 0
 
 
 @pytest.mark.parametrize(("held", "listed"), [(0, 50), (8, 20), (8, 4), (8, 8)])
@@ -234,3 +240,33 @@ def test_mixed_shard_is_filtered_to_the_tier(tiled_root: Path, tmp_path: Path) -
     keys = [s["__key__"] for s, _, _ in islice(ts.samples(), 30)]
     assert {k.rsplit("_", 3)[0] for k in keys} == set(one)
     assert len(set(keys)) == 10
+
+
+def test_partition_needs_a_shard_per_lane_else_draws_with_replacement(tiled_root: Path) -> None:
+    """7 shards: 1 stream x 4 slots partitions them; 2 streams x 4 slots = 8 lanes cannot, so the
+    datamodule warns and draws with replacement (and says so in its state)."""
+    kw = dict(batch_size=2, augmentation=MultiCropConfig(n_local_crops=1), window=4, pin_memory=False)
+    dm = SSLDataModule(str(tiled_root), num_workers=0, shards_per_chunk=4, **kw)
+    dm.setup("fit")
+    assert (len(dm.shards), dm.lanes, dm.effective_sampling) == (7, 4, "partition")
+    assert dm.state_dict()["sampling"] == "partition"
+    dm = SSLDataModule(str(tiled_root), num_workers=2, shards_per_chunk=4, **kw)
+    dm.setup("fit")
+    assert (dm.lanes, dm.effective_sampling) == (8, "replacement")
+    with pytest.warns(RuntimeWarning, match="data.sampling=partition needs at least as many"):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="cannot be partitioned over 8 reading lanes"):
+        TileStream(dm.shards, 0, 1, 1, 4, 4, SkipCounter(), partition=StreamPartition(1, 2))
+
+
+def test_resuming_a_stream_saved_under_another_sampling_restarts_it(tiled_root: Path) -> None:
+    """A checkpoint from before data.sampling (no key: replacement) cannot continue a partitioned
+    stream exactly: warned, and the stream restarts from a fresh seed rather than replaying."""
+    kw = dict(num_workers=0, batch_size=2, augmentation=MultiCropConfig(n_local_crops=1), pin_memory=False)
+    dm = SSLDataModule(str(tiled_root), **kw)
+    dm.setup("fit")
+    state = dm.state_dict()
+    state.pop("sampling")
+    with pytest.warns(RuntimeWarning, match="sampling replacement -> partition"):
+        dm.load_state_dict(state)
+    assert dm._stream_seed != dm.seed

@@ -1,19 +1,20 @@
 """Two "nodes" on this machine: ``torchrun --nnodes 2 --nproc_per_node 2`` launched twice (node_rank 0
-and 1, rendezvous on 127.0.0.1, gloo), each rank building the real ``SSLDataModule`` on the real
-shards and reading a few batches through its DataLoader (2 workers).
+and 1, rendezvous on 127.0.0.1, gloo), each rank building the real ``SSLDataModule`` on real shards and
+reading a few batches through its DataLoader (2 workers).
 
 What a multi-node run needs from the data layer, and what this shows:
 
 - every rank learns its *global* rank (``dist.get_rank()``: node 1's local ranks 0 and 1 are ranks 2
   and 3), not its local one, so the two nodes do not read the same streams twice;
-- every (rank, worker) stream is its own: rank r, worker w reads exactly the stream
-  ``TileStream(seed, rank=r, stream_id=w)`` computes in this process, and no two of the 8 streams
-  agree; every sample read is one of the dataset's.
+- every rank reads a **disjoint** stream: with ``data.sampling=partition`` (the default) the 8 (rank,
+  worker) streams split each epoch's shards, so no tile is read by two ranks or two workers within an
+  epoch; rank r, worker w reads exactly what ``TileStream(seed, r, w, partition=StreamPartition(2r + w,
+  8))`` computes in this process, and the 8 streams' first epochs together are the whole dataset, each
+  tile once.
 
-Streams are *independent*, not a partition of the samples: each stream draws shards with replacement
-(``ssl_path.data.stream``), so at this toy size (about 100 tiles) the ranks do read some of the same
-tiles; what must not happen, and is checked, is two ranks reading the same sequence. docs/scale_out.md
-puts numbers on the overlap at 2 M shards.
+The bundled slides are tiled with 3 tiles per shard here (33 shards) so that 8 lanes have shards
+to split; with fewer shards than lanes the datamodule falls back to draws with replacement (tested in
+``tests/data/test_stream.py``).
 
 The batches carry each tile's fingerprint (sha1 of its decoded pixels) instead of crops (the
 datamodule's collate is swapped for one that hashes the tiles), mapped back to sample keys here.
@@ -36,10 +37,25 @@ import pytest
 
 from ssl_path.data import load_manifest, select_shards, select_slides
 from ssl_path.data.decode import decode_tile
-from ssl_path.data.stream import SkipCounter, TileStream, iter_shard
+from ssl_path.data.stream import SkipCounter, StreamPartition, TileStream, iter_shard
 
 NODES, PER_NODE, WORKERS, BATCH, BATCHES = 2, 2, 2, 2, 6
-DM_KW = dict(batch_size=BATCH, num_workers=WORKERS, shards_per_chunk=2, window=4, seed=0)
+STREAMS = NODES * PER_NODE * WORKERS
+DM_KW = dict(batch_size=BATCH, num_workers=WORKERS, shards_per_chunk=1, window=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fine_root(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> Path:
+    """The bundled CMU and TCGA slides tiled at 0.5 µm/px, 224 px, 3 tiles per shard (33 shards)."""
+    from ssl_path.tiling import TilingConfig, TilingWarning, tile_slides
+
+    out = tmp_path_factory.mktemp("fine")
+    cfg = TilingConfig(target_mpps=[0.5], tile_size=224, fallback_mpp=0.25, shard_max_count=3)
+    slides = [slides_dir / s for s in ("CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs")]
+    with pytest.warns(TilingWarning, match="fallback_mpp"):
+        tile_slides(slides, out, cfg, workers=1, progress=False)
+    return out
+
 
 RANK_SCRIPT = textwrap.dedent(
     """
@@ -70,6 +86,7 @@ RANK_SCRIPT = textwrap.dedent(
         if len(batches) == n_batches:
             break
     record = {
+        "sampling": dm.effective_sampling,
         "rank": dist.get_rank(), "world": dist.get_world_size(), "dm_rank": dm.rank,
         "dm_world": dm.world_size, "node": int(os.environ["GROUP_RANK"]),
         "local_rank": int(os.environ["LOCAL_RANK"]), "batches": batches, "streams": streams,
@@ -153,26 +170,37 @@ def _fingerprint_to_key(root: Path) -> dict[str, str]:
     return keys
 
 
-def _expected_batches(root: Path, rank: int) -> list[list[str]]:
+def _stream(shards: list, rank: int, worker: int) -> TileStream:
+    return TileStream(
+        shards,
+        DM_KW["seed"],
+        rank,
+        worker,
+        DM_KW["shards_per_chunk"],
+        DM_KW["window"],
+        SkipCounter(),
+        partition=StreamPartition(rank * WORKERS + worker, STREAMS),
+    )
+
+
+def _expected_batches(shards: list, rank: int) -> list[list[str]]:
     """Rank ``rank``'s first BATCHES batches as computed here: batch k comes from worker k % WORKERS
     (stream_offset 0), which serves consecutive runs of BATCH samples of its own stream."""
-    manifest = load_manifest(root)
-    shards = select_shards(manifest, root, select_slides(manifest, 1.0))
     per_stream = BATCHES // WORKERS * BATCH
     streams = []
     for w in range(WORKERS):
-        stream = TileStream(
-            shards, DM_KW["seed"], rank, w, DM_KW["shards_per_chunk"], DM_KW["window"], SkipCounter()
-        )
-        samples = (s["__key__"] for s, _, _ in stream.samples() if s)  # infinite: take what is needed
+        samples = (s["__key__"] for s, _, _ in _stream(shards, rank, w).samples() if s)  # infinite
         streams.append(list(itertools.islice(samples, per_stream)))
     return [streams[k % WORKERS][(k // WORKERS) * BATCH : (k // WORKERS + 1) * BATCH] for k in range(BATCHES)]
 
 
 @pytest.mark.slow
-def test_two_nodes_two_ranks_each_read_their_own_streams(tiled_root: Path, tmp_path: Path) -> None:
-    records = _launch_two_nodes(tiled_root, tmp_path)
-    fp_to_key = _fingerprint_to_key(tiled_root)
+def test_two_nodes_every_rank_reads_a_disjoint_stream(fine_root: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(fine_root)
+    shards = select_shards(manifest, fine_root, select_slides(manifest, 1.0))
+    assert len(shards) >= STREAMS * DM_KW["shards_per_chunk"], "the fixture must give every lane shards"
+    records = _launch_two_nodes(fine_root, tmp_path)
+    fp_to_key = _fingerprint_to_key(fine_root)
 
     # the rank each process got, and the one its datamodule streams as
     assert [(r["rank"], r["node"], r["local_rank"]) for r in records] == [
@@ -182,20 +210,49 @@ def test_two_nodes_two_ranks_each_read_their_own_streams(tiled_root: Path, tmp_p
         (3, 1, 1),
     ]
     assert all(r["dm_rank"] == r["rank"] and r["dm_world"] == r["world"] == 4 for r in records)
+    assert all(r["sampling"] == "partition" for r in records)
 
     read = {r["rank"]: [[fp_to_key[fp] for fp in batch] for batch in r["batches"]] for r in records}
     for rank, batches in read.items():
         assert [len(b) for b in batches] == [BATCH] * BATCHES
         assert records[rank]["streams"] == [k % WORKERS for k in range(BATCHES)]
-        assert batches == _expected_batches(tiled_root, rank), rank  # exactly (seed, global rank, worker)'s
+        assert batches == _expected_batches(shards, rank), rank  # exactly (seed, global rank, worker)'s
 
-    # 8 streams (4 ranks x 2 workers), no two alike; node 1's local rank 0 is not node 0's rank 0
-    streams = {(r, w): sum(read[r][w::WORKERS], []) for r in read for w in range(WORKERS)}
-    assert len({tuple(s) for s in streams.values()}) == len(streams) == NODES * PER_NODE * WORKERS
+    # what the ranks read is disjoint: no tile seen by two ranks (or twice by one), and not by chance:
+    # no two ranks even opened the same shard
     flat = {r: sum(b, []) for r, b in read.items()}
-    for a in flat:
-        for b in flat:
-            if a < b:  # position by position, two ranks agree about as often as independent draws would
-                same = sum(x == y for x, y in zip(flat[a], flat[b], strict=True))
-                assert same <= len(flat[a]) // 4, (a, b, flat[a], flat[b])
-    assert set().union(*flat.values()) <= set(fp_to_key.values())
+    all_read = sum(flat.values(), [])
+    assert len(all_read) == len(set(all_read)) == NODES * PER_NODE * BATCHES * BATCH
+    shard_of = {key: entry["path"] for entry in manifest["shards"] for key in _keys(fine_root, entry)}
+    opened = {r: {shard_of[k] for k in keys} for r, keys in flat.items()}
+    for a in opened:
+        for b in opened:
+            assert a == b or not opened[a] & opened[b], (a, b)
+    assert set(all_read) <= set(fp_to_key.values())
+
+
+def _keys(root: Path, entry: dict) -> list[str]:
+    return [s["__key__"] for s in iter_shard(str(root / entry["path"]), SkipCounter(), entry["num_samples"])]
+
+
+def test_partitioned_streams_read_every_tile_once_per_epoch(fine_root: Path) -> None:
+    """The 8 streams' first epochs (each lane's share of the epoch-0 shard order) are the whole dataset,
+    each tile exactly once; the next epoch is again all of it, in another split."""
+    manifest = load_manifest(fine_root)
+    shards = select_shards(manifest, fine_root, select_slides(manifest, 1.0))
+    everything = sorted(k for entry in manifest["shards"] for k in _keys(fine_root, entry))
+    epochs: list[list[list[str]]] = [[], []]
+    for rank in range(NODES * PER_NODE):
+        for w in range(WORKERS):
+            stream = _stream(shards, rank, w)
+            draws = stream.slots[0]._draw  # draw d of the lane: epoch d // per_epoch
+            per_epoch = draws.per_epoch
+            n_samples = [
+                sum(shards[draws(e * per_epoch + k)].num_samples for k in range(per_epoch)) for e in (0, 1)
+            ]
+            keys = [s["__key__"] for s, _, _ in itertools.islice(stream.samples(), 10_000) if s]
+            epochs[0].append(keys[: n_samples[0]])
+            epochs[1].append(keys[n_samples[0] : n_samples[0] + n_samples[1]])
+    for epoch in epochs:
+        assert sorted(sum(epoch, [])) == everything
+    assert epochs[0] != epochs[1]
