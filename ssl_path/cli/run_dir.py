@@ -47,7 +47,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ssl_path.config_validation import ConfigValidationError
 from ssl_path.contracts import CHECKPOINT_DIR, MANIFEST_NAME, ManifestError, dataset_id, read_manifest
 
-# ${ssl_path_run_name:<parent dir>,<overrides>,<exclude keys>,<old name>,<data.root>}
+# ${ssl_path_run_name:<parent dir>,<overrides>,<exclude keys>,<old name>,<data.root>,<data.remote>}
 RESOLVER = "ssl_path_run_name"
 MAX_NAME = 120  # characters of the run dir's own name
 HASH_LEN = 8  # hex characters of the override-set hash
@@ -94,16 +94,26 @@ def _remember_id(root: str, manifest: dict) -> str:
     return _dataset_ids[key]
 
 
-def data_identity(root: str) -> str:
+def remote_options(remote: Any) -> dict[str, Any]:
+    """``data.remote`` (a ``RemoteConfig`` node, a dict or None) as ``read_manifest`` keyword arguments,
+    so the run-dir naming and the data check reach a store (e.g. an S3 endpoint) as the data module does."""
+    plain = _plain(remote) if remote is not None else {}
+    if not isinstance(plain, dict):
+        return {}
+    return {str(k): v for k, v in plain.items() if not str(k).startswith("_")}
+
+
+def data_identity(root: str, remote: Any = None) -> str:
     """The dataset's id (``manifest["dataset_id"]``, else computed from the manifest), or, if there is
     no valid manifest under ``root``, ``path-`` + a hash of ``root`` itself (the data check refuses
     such a run). A remote manifest that exists but cannot be read now (network) raises instead: naming
-    the run after the URL would start it afresh in another dir rather than resume it."""
+    the run after the URL would start it afresh in another dir rather than resume it. ``remote``:
+    ``data.remote`` (retries, timeouts, storage options) for a URL root."""
     key = (str(root), _signature(str(root)))
     if key in _dataset_ids:
         return _dataset_ids[key]
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, **remote_options(remote))
     except ManifestError:
         manifest = None
     except Exception as err:
@@ -119,7 +129,10 @@ def data_identity(root: str) -> str:
 
 
 def identity_overrides(
-    overrides: Iterable[str], exclude_keys: Iterable[str] = (), data_root: str | None = None
+    overrides: Iterable[str],
+    exclude_keys: Iterable[str] = (),
+    data_root: str | None = None,
+    data_remote: Any = None,
 ) -> list[tuple[str, str]]:
     """``(key, token)`` per override that names the run, sorted by key: the last one per key, excluded
     keys dropped (as hydra's ``override_dirname``), ``data.root=...`` as ``dataset=<dataset_id>`` (of
@@ -134,7 +147,7 @@ def identity_overrides(
         if override.key_or_group == DATA_ROOT_KEY and not override.is_delete():
             key, line = (
                 DATASET_KEY,
-                f"{DATASET_KEY}={data_identity(data_root or override.get_value_string())}",
+                f"{DATASET_KEY}={data_identity(data_root or override.get_value_string(), data_remote)}",
             )
         latest.pop(key, None)  # the last occurrence wins, as in hydra
         latest[key] = line
@@ -151,10 +164,15 @@ def _readable(token: str) -> str:
     return _UNSAFE.sub("_", prefix + leaf) + (f"={value}" if sep else "")
 
 
-def run_name(overrides: Iterable[str], exclude_keys: Iterable[str] = (), data_root: str | None = None) -> str:
+def run_name(
+    overrides: Iterable[str],
+    exclude_keys: Iterable[str] = (),
+    data_root: str | None = None,
+    data_remote: Any = None,
+) -> str:
     """``<short readable overrides>-<8 hex>``: deterministic, at most :data:`MAX_NAME` characters, no
     path separator (see the module docstring); :data:`EMPTY_NAME` when no override names the run."""
-    items = identity_overrides(overrides, exclude_keys, data_root)
+    items = identity_overrides(overrides, exclude_keys, data_root, data_remote)
     if not items:
         return EMPTY_NAME
     digest = hashlib.sha256("\n".join(token for _, token in items).encode()).hexdigest()[:HASH_LEN]
@@ -189,12 +207,16 @@ def resolve_run_name(
     exclude_keys: Sequence[str],
     legacy: str = "",
     data_root: Any = None,
+    data_remote: Any = None,
 ) -> str:
     """The resolver behind ``hydra.run.dir`` / ``hydra.sweep.subdir``: :func:`run_name`, or ``legacy``
     (the ``override_dirname`` the previous scheme named the dir by) when that dir under ``parent``
     holds checkpoints and the new one does not, so runs started before keep resuming."""
     name = run_name(
-        _plain(overrides) or [], _plain(exclude_keys) or [], None if data_root is None else str(data_root)
+        _plain(overrides) or [],
+        _plain(exclude_keys) or [],
+        None if data_root is None else str(data_root),
+        data_remote,
     )
     legacy = "" if legacy is None else str(legacy)
     old, new = f"{parent}/{legacy}", f"{parent}/{name}"
@@ -241,7 +263,7 @@ def _missing_manifest(root: str) -> str:
     return f"{root} holds no {MANIFEST_NAME}; found {_listing(path)}{hint}"
 
 
-def check_data_root(root: Any, tier: Any = 1.0, tier_seed: int = 0) -> None:
+def check_data_root(root: Any, tier: Any = 1.0, tier_seed: int = 0, remote: Any = None) -> None:
     """Raise :class:`DataRootError` unless ``root`` holds a usable tiled dataset for ``tier`` (``None``:
     any tier).
 
@@ -249,7 +271,7 @@ def check_data_root(root: Any, tier: Any = 1.0, tier_seed: int = 0) -> None:
     its first shard exists; a URL: its ``manifest.json`` can be read and is valid. The message names
     what was found instead (what the folder holds, the nearest existing parent, the reader's error).
     A passed check is remembered per (root, tier, manifest mtime/size), so the hydra callback and
-    ``run()`` read the manifest once.
+    ``run()`` read the manifest once. ``remote``: ``data.remote`` (storage options, retries) for a URL.
     """
     root = str(root)
     key = (root, str(tier), int(tier_seed), _signature(root))
@@ -257,7 +279,7 @@ def check_data_root(root: Any, tier: Any = 1.0, tier_seed: int = 0) -> None:
         return
     where = f"data.root={root}"
     try:
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, **remote_options(remote))
     except Exception as err:  # noqa: BLE001 - any reader failure (JSON, schema, network, missing client)
         raise DataRootError(f"{where}: cannot read its {MANIFEST_NAME}: {type(err).__name__}: {err}") from err
     if manifest is None:
@@ -307,7 +329,7 @@ def check_config_data(cfg: DictConfig, with_tier: bool = True) -> None:
     if not isinstance(data, DictConfig) or "root" not in data or data.get("root") is None:
         return
     tier = data.get("tier", 1.0) if with_tier else None
-    check_data_root(data.root, tier, int(data.get("tier_seed", 0)))
+    check_data_root(data.root, tier, int(data.get("tier_seed", 0)), data.get("remote"))
 
 
 # swept keys that can give jobs different data roots (then each job checks its own in run()), or tiers

@@ -29,6 +29,7 @@ import torch
 
 from ssl_path.contracts import (
     RemoteReadError,
+    dataset_id,
     is_remote,
     join_location,
     read_manifest,
@@ -277,3 +278,39 @@ def test_training_from_remote_shards_resumes_bit_exact_after_kill9(
     _assert_same_state(a["SSLDataModule"], b["SSLDataModule"], "SSLDataModule")
     _assert_same_state(a["rng_states"], b["rng_states"], "rng_states")
     assert "/data/shards/" in served.log.read_text()  # the shards came from the server
+
+
+def test_s3_endpoint_in_storage_options_alone_names_and_checks_the_run(
+    s3_server: Served, compose_train, monkeypatch, tmp_path: Path
+) -> None:
+    """The endpoint and keys given only as ``data.remote.storage_options`` (no FSSPEC_S3_* or AWS_*
+    variables): the run dir is named after the served dataset's id and the data check passes, as the
+    data module reads the same store; without them the check fails naming the URL."""
+    from ssl_path.cli import run_dir as rd
+
+    for key in [*S3_ENV, "FSSPEC_S3_ENDPOINT_URL", "AWS_PROFILE", "AWS_CONFIG_FILE"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    options = {
+        "endpoint_url": s3_server.endpoint,
+        "key": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "client_kwargs": {"region_name": S3_ENV["AWS_DEFAULT_REGION"]},
+    }
+    base = [*tiny_overrides(s3_server.url), f"paths.runs_dir={tmp_path / 'runs'}", "data.remote.retries=0"]
+    given = [
+        *base,
+        f"+data.remote.storage_options.endpoint_url={s3_server.endpoint}",
+        f"+data.remote.storage_options.key={options['key']}",
+        f"+data.remote.storage_options.secret={options['secret']}",
+        f"+data.remote.storage_options.client_kwargs={{region_name:{S3_ENV['AWS_DEFAULT_REGION']}}}",
+    ]
+    cfg = compose_train(given, hydra_cfg=True)
+    run_dir = Path(cfg.hydra.run.dir)
+    rd.DataRootCheck().on_run_start(cfg)
+    manifest = read_manifest(s3_server.url, storage_options=options)
+    assert run_dir.name.startswith(f"dataset={dataset_id(manifest)}"), run_dir.name
+    rd._dataset_ids.clear()
+    rd._checked.clear()
+    with pytest.raises(SystemExit, match=re.escape(s3_server.url)):
+        rd.DataRootCheck().on_run_start(compose_train(base, hydra_cfg=True))
