@@ -7,6 +7,13 @@ collapsed too gives targets of entropy ``~ln K`` with a max probability ``~1/K``
 uniform output) and tells them apart by the teacher's target entropy; DINOv2 (Oquab et al. 2023,
 arXiv:2304.07193) keeps the same DINO term.
 
+The second mode, collapse to one prototype, shows as a one-hot teacher (target entropy near 0, max
+probability near 1) whose argmax is the same prototype for every image (``prototypes_used`` ~ 1/K).
+Collapse of the features themselves shows in the effective rank of the teacher's CLS features
+(RankMe, Garrido et al. 2023, arXiv:2210.02885: ``exp`` of the entropy of the normalised singular
+values; 1 when all features lie on a line, ``min(N, D)`` when the spectrum is flat), in their std over
+the batch, and in the KoLeo nearest-neighbour distance (0 when images share one feature).
+
 The functions below take one step's tensors and return 0-dim tensors on their device, with no host
 sync (no ``.item()``, no ``bool()`` of a tensor, no boolean indexing): the module logs them on
 logging steps, where Lightning reads logged values anyway. ``PlateauMonitor`` works on host floats
@@ -21,10 +28,13 @@ import torch
 
 __all__ = [
     "PlateauMonitor",
+    "center_norm",
     "cls_std",
     "health_metrics",
     "log_k",
+    "nn_distance",
     "prototypes_used",
+    "rankme",
     "student_entropy",
     "teacher_entropy",
     "teacher_max_prob",
@@ -91,6 +101,43 @@ def cls_std(cls: torch.Tensor) -> torch.Tensor:
     return cls.detach().float().std(dim=0, correction=0).mean()
 
 
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Effective rank of a feature matrix (RankMe, Garrido et al. 2023, Eq. 1).
+
+    ``p_k = s_k / sum(s) + eps`` over the singular values ``s`` of the (N, D) matrix, and
+    ``exp(-sum_k p_k log p_k)``: between 1 (rank one: every image's feature on one line) and
+    ``min(N, D)`` (flat spectrum). Not centred, as the paper.
+
+    Args:
+        features: (N, D) features, e.g. the teacher's CLS tokens of the global crops.
+        eps: added to each normalised singular value (the paper's 1e-7).
+    Returns:
+        0-dim float32 tensor.
+    """
+    s = torch.linalg.svdvals(features.detach().float())  # (min(N, D),)
+    p = s / s.sum().clamp_min(torch.finfo(torch.float32).tiny) + eps
+    return torch.exp(-(p * p.log()).sum())
+
+
+def nn_distance(features: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Mean Euclidean distance from each L2-normalised row to its nearest other row, within each of
+    ``chunks`` equal row blocks (KoLeo's neighbourhood: one global crop's batch). 0 when images share
+    a feature; what KoLeo's ``-log`` pushes up. (N, D) -> ().
+    """
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    out = []
+    for block in x.chunk(chunks):
+        d = torch.cdist(block, block)  # (b, b)
+        d.fill_diagonal_(float("inf"))
+        out.append(d.amin(dim=1))  # (b,)
+    return torch.cat(out).mean()
+
+
+def center_norm(center: torch.Tensor) -> torch.Tensor:
+    """L2 norm of a softmax-centring centre (DINO's EMA of the teacher logits). (K,) or (1, K) -> ()."""
+    return center.detach().float().norm()
+
+
 def log_k(k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``ln K`` as a 0-dim float32 tensor made on ``device`` (a fill, not a host-to-device copy)."""
     return torch.full((), math.log(k), device=device, dtype=torch.float32)
@@ -101,14 +148,17 @@ def health_metrics(
     student: dict[str, torch.Tensor],
     student_temp: float,
     dino: torch.Tensor | None = None,
+    center: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All signals of one step, keyed ``health/*`` (0-dim tensors, no host sync).
 
     Args:
         teacher: ``DINOv2Module.teacher_output``: ``cls_probs`` (n_g, B, K), optionally ``cls`` (n_g*B, D).
-        student: ``DINOv2Module.student_output``: ``cls_logits`` (n_g + n_l, B, K).
+        student: ``DINOv2Module.student_output``: ``cls_logits`` (n_g + n_l, B, K), optionally
+            ``global_cls`` (n_g*B, D) for the KoLeo nearest-neighbour distance.
         student_temp: the student softmax temperature.
         dino: the step's DINO loss (unweighted); adds ``health/dino_gap = ln K - dino`` (0 on the plateau).
+        center: the DINO softmax centre (softmax centring only): adds ``health/center_norm``.
     """
     probs = teacher["cls_probs"]
     lk = log_k(probs.shape[-1], probs.device)
@@ -121,47 +171,84 @@ def health_metrics(
     }
     if "cls" in teacher:
         out["health/cls_std"] = cls_std(teacher["cls"])
+        out["health/rankme"] = rankme(teacher["cls"])
+    if "global_cls" in student:
+        out["health/koleo_nn_dist"] = nn_distance(student["global_cls"], chunks=probs.shape[0])
+    if center is not None:
+        out["health/center_norm"] = center_norm(center)
     if dino is not None:
         out["health/dino_gap"] = lk - dino.detach().float()
     return out
 
 
 class PlateauMonitor:
-    """Warns once per run when the DINO loss sits at ``ln K`` (the uniform-collapse plateau).
+    """Warns once per run and mode when the signals say collapse: to uniform, or to one prototype.
 
-    ``update`` is called on logging steps with host floats; at a step ``>= after_steps`` where
-    ``dino > log_k - tolerance`` it returns a message, once, and ``None`` ever after. ``tolerance=0``
-    disables it. The state is not checkpointed: a resumed run may warn once more.
+    ``update`` is called on logging steps with host floats. At a step ``>= after_steps``:
+
+    * **uniform** (the ``ln K`` plateau): ``dino > log_k - tolerance``;
+    * **one prototype**: the teacher's targets are nearly one-hot (mean max probability
+      ``>= one_hot_prob``) and every row of the batch picks the same prototype (``prototypes_used * K
+      < 1.5``): the student is taught one answer for every image.
+
+    Each returns a message the first time it is seen, and ``None`` ever after. ``tolerance=0``
+    disables both. The state is not checkpointed: a resumed run may warn once more.
 
     Args:
         tolerance: nats below ``ln K`` that still count as the plateau (0 disables).
         after_steps: optimiser steps before which the loss may sit at ``ln K`` (a fresh head starts
             near uniform).
+        one_hot_prob: mean teacher max probability above which one shared argmax counts as collapse.
     """
 
-    def __init__(self, tolerance: float = 0.02, after_steps: int = 200) -> None:
+    def __init__(self, tolerance: float = 0.02, after_steps: int = 200, one_hot_prob: float = 0.9) -> None:
         if tolerance < 0 or after_steps < 0:
             raise ValueError(f"tolerance and after_steps must be >= 0, got {tolerance}, {after_steps}")
         self.tolerance = tolerance
         self.after_steps = after_steps
-        self.fired = False
+        self.one_hot_prob = one_hot_prob
+        self.fired = False  # uniform
+        self.fired_one = False  # one prototype
 
     def active(self, step: int) -> bool:
         """Whether ``update`` at ``step`` could warn: callers skip reading device values otherwise."""
-        return self.tolerance > 0 and not self.fired and step >= self.after_steps
+        return self.tolerance > 0 and not (self.fired and self.fired_one) and step >= self.after_steps
 
     def update(
-        self, step: int, dino_loss: float, log_k: float, teacher_entropy: float | None = None
+        self,
+        step: int,
+        dino_loss: float,
+        log_k: float,
+        teacher_entropy: float | None = None,
+        teacher_max_prob: float | None = None,
+        prototypes_used: float | None = None,
     ) -> str | None:
-        """The warning message the first time the plateau is seen, else ``None``."""
-        if not self.active(step) or not dino_loss > log_k - self.tolerance:  # NaN: no warning
+        """The warning message the first time a collapse mode is seen, else ``None``."""
+        if not self.active(step):
             return None
-        self.fired = True
-        target = ""
-        if teacher_entropy is not None:
-            target = f"; the teacher's target entropy is {teacher_entropy:.2f} nats"
-        return (
-            f"DINO loss {dino_loss:.4f} is within {self.tolerance:g} of ln K = {log_k:.4f} at step {step}: "
-            f"the student predicts (nearly) uniformly over the prototypes, the ln K plateau{target}. "
-            "See docs/learning.md."
-        )
+        messages = []
+        if not self.fired and dino_loss > log_k - self.tolerance:  # NaN: no warning
+            self.fired = True
+            target = ""
+            if teacher_entropy is not None:
+                target = f"; the teacher's target entropy is {teacher_entropy:.2f} nats"
+            messages.append(
+                f"DINO loss {dino_loss:.4f} is within {self.tolerance:g} of ln K = {log_k:.4f} at step "
+                f"{step}: the student predicts (nearly) uniformly over the prototypes, the ln K "
+                f"plateau{target}. See docs/learning.md."
+            )
+        k = math.exp(log_k)
+        if (
+            not self.fired_one
+            and teacher_max_prob is not None
+            and prototypes_used is not None
+            and teacher_max_prob >= self.one_hot_prob
+            and prototypes_used * k < 1.5
+        ):
+            self.fired_one = True
+            messages.append(
+                f"collapse to one prototype at step {step}: every image's teacher target picks the same "
+                f"prototype with mean probability {teacher_max_prob:.3f} (1 of {k:.0f} prototypes used in "
+                "the batch). Check the centring (sinkhorn_knopp), the teacher temperature and the lr."
+            )
+        return " ".join(messages) or None

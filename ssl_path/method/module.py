@@ -472,7 +472,8 @@ class DINOv2Module(L.LightningModule):
         student: dict[str, torch.Tensor],
     ) -> None:
         metrics: dict[str, Any] = {f"loss/{k}": v.detach() for k, v in losses.items()}
-        health = health_metrics(teacher, student, self.student_temp, dino=losses.get("dino"))
+        center = self.dino_center.center if self.centering == "softmax" else None
+        health = health_metrics(teacher, student, self.student_temp, dino=losses.get("dino"), center=center)
         metrics.update(health)
         metrics.update(
             {
@@ -500,9 +501,13 @@ class DINOv2Module(L.LightningModule):
             return
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
-        keys = ("health/log_k", "health/teacher_entropy")
-        dino_loss, lk, entropy = torch.stack([dino.detach().float(), *(health[k] for k in keys)]).tolist()
-        message = self.plateau.update(self.global_step, dino_loss, lk, teacher_entropy=entropy)
+        keys = ("health/log_k", "health/teacher_entropy", "health/teacher_max_prob", "health/prototypes_used")
+        dino_loss, lk, entropy, max_prob, used = torch.stack(
+            [dino.detach().float(), *(health[k] for k in keys)]
+        ).tolist()
+        message = self.plateau.update(
+            self.global_step, dino_loss, lk, entropy, teacher_max_prob=max_prob, prototypes_used=used
+        )
         if message is not None:
             log.warning(message)
 

@@ -4,6 +4,7 @@ import logging
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -11,10 +12,13 @@ from torch.utils.data import DataLoader
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine.health import (
     PlateauMonitor,
+    center_norm,
     cls_std,
     health_metrics,
     log_k,
+    nn_distance,
     prototypes_used,
+    rankme,
     student_entropy,
     teacher_entropy,
     teacher_max_prob,
@@ -31,6 +35,8 @@ HEALTH_KEYS = {
     "health/cls_std",
     "health/log_k",
     "health/dino_gap",
+    "health/rankme",
+    "health/koleo_nn_dist",
 }
 
 
@@ -63,22 +69,54 @@ def test_cls_std_is_zero_for_identical_rows_and_finite_for_one_row():
     assert cls_std(x).item() == pytest.approx(x.std(0, correction=0).mean().item())
 
 
+def test_rankme_full_for_random_features_one_for_rank_one():
+    """RankMe = exp(entropy of s / sum(s)): a tall random matrix has a flat spectrum (rank ~ D); features
+    on one line have rank 1; D features split over 2 orthogonal directions with equal weight, 2."""
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    assert rankme(torch.randn(4000, d, generator=g)).item() > 0.98 * d
+    line = torch.randn(64, 1, generator=g) * torch.randn(1, d, generator=g)  # rank one
+    assert rankme(line).item() == pytest.approx(1.0, abs=1e-3)
+    two = torch.zeros(64, d)
+    two[:32, 0], two[32:, 1] = 1.0, 1.0
+    assert rankme(two).item() == pytest.approx(2.0, rel=1e-4)
+    # the paper's formula, written out with numpy
+    x = torch.randn(50, 8, generator=g)
+    s = np.linalg.svd(x.numpy().astype(np.float64), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    assert rankme(x).item() == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
+
+
+def test_nn_distance_zero_when_collapsed_larger_when_spread():
+    assert nn_distance(torch.ones(8, 4)).item() == pytest.approx(0.0, abs=1e-6)
+    spread = torch.eye(4)  # orthonormal rows: every neighbour at sqrt(2)
+    assert nn_distance(spread).item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    # within each chunk only (KoLeo's neighbourhood: one global crop): rows 0-1 and 2-3 are duplicates
+    pairs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert nn_distance(pairs, chunks=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert nn_distance(pairs[[0, 2, 1, 3]], chunks=2).item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert center_norm(torch.tensor([[3.0, 4.0]])).item() == pytest.approx(5.0)
+
+
 def test_health_metrics_keys_and_gap():
     teacher = {"cls_probs": torch.full((2, 3, K), 1.0 / K), "cls": torch.randn(6, 8)}
-    student = {"cls_logits": torch.zeros(4, 3, K)}
+    student = {"cls_logits": torch.zeros(4, 3, K), "global_cls": torch.randn(6, 8)}
     out = health_metrics(teacher, student, 0.1, dino=torch.tensor(math.log(K)))
     assert set(out) == HEALTH_KEYS and all(v.dim() == 0 for v in out.values())
     assert out["health/dino_gap"].item() == pytest.approx(0.0, abs=1e-6)
     assert "health/dino_gap" not in health_metrics(teacher, student, 0.1)
-    del teacher["cls"]
-    assert "health/cls_std" not in health_metrics(teacher, student, 0.1)
+    with_center = health_metrics(teacher, student, 0.1, center=torch.ones(1, K))
+    assert with_center["health/center_norm"].item() == pytest.approx(4.0)
+    del teacher["cls"], student["global_cls"]
+    out = health_metrics(teacher, student, 0.1)
+    assert not {"health/cls_std", "health/rankme", "health/koleo_nn_dist"} & set(out)
 
 
 def test_health_metrics_are_sync_free():
     teacher = {"cls_probs": torch.softmax(torch.randn(2, 3, K), -1), "cls": torch.randn(6, 8)}
-    student = {"cls_logits": torch.randn(4, 3, K, requires_grad=True)}
+    student = {"cls_logits": torch.randn(4, 3, K, requires_grad=True), "global_cls": torch.randn(6, 8)}
     with SyncRecorder() as rec:
-        health_metrics(teacher, student, 0.1, dino=torch.tensor(2.0))
+        health_metrics(teacher, student, 0.1, dino=torch.tensor(2.0), center=torch.zeros(1, K))
     assert rec.syncs == []
 
 
@@ -93,7 +131,39 @@ def test_plateau_monitor_warns_once_after_after_steps():
     assert f"{lk - 0.01:.4f}" in message and f"ln K = {lk:.4f}" in message and "step 400" in message
     assert "0.02" in message and "2.70 nats" in message and "docs/learning.md" in message
     assert monitor.update(500, lk, lk) is None  # once per run
-    assert not monitor.active(600)
+    assert monitor.fired and not monitor.fired_one  # the one-prototype mode is still watched
+
+
+def test_one_prototype_collapse_warns_once_and_uniform_separately():
+    lk = math.log(K)
+    monitor = PlateauMonitor(tolerance=0.02, after_steps=0)
+    # sharp but varied targets (a healthy teacher at temperature 0.04): no warning
+    assert monitor.update(10, lk - 1.0, lk, 0.3, teacher_max_prob=0.95, prototypes_used=6 / K) is None
+    # soft targets that share an argmax: not one-hot, no warning
+    assert monitor.update(20, lk - 1.0, lk, 2.0, teacher_max_prob=0.3, prototypes_used=1 / K) is None
+    message = monitor.update(30, lk - 1.0, lk, 0.01, teacher_max_prob=0.99, prototypes_used=1 / K)
+    assert message is not None and "collapse to one prototype at step 30" in message
+    assert f"1 of {K} prototypes" in message and "ln K plateau" not in message
+    assert monitor.update(40, lk - 1.0, lk, 0.0, teacher_max_prob=1.0, prototypes_used=1 / K) is None
+    assert monitor.active(50)  # the uniform mode can still fire
+    assert "ln K plateau" in monitor.update(50, lk, lk, lk, teacher_max_prob=1 / K, prototypes_used=1 / K)
+    assert not monitor.active(60)
+
+
+def test_one_prototype_collapse_warned_by_the_module(caplog):
+    """The module's logging-step check reads the health signals of a one-hot, one-prototype teacher."""
+    module = _tiny(plateau_after_steps=0)
+    one_hot = torch.nn.functional.one_hot(
+        torch.full((2, 4), 3), 32
+    ).float()  # (n_g, B, K=32), all prototype 3
+    health = health_metrics(
+        {"cls_probs": one_hot}, {"cls_logits": torch.randn(4, 4, 32)}, 0.1, torch.tensor(1.0)
+    )
+    with caplog.at_level(logging.WARNING, logger="ssl_path.method.module"):
+        module._check_plateau(torch.tensor(1.0), health)
+        module._check_plateau(torch.tensor(1.0), health)
+    warned = [r.getMessage() for r in caplog.records if "one prototype" in r.getMessage()]
+    assert len(warned) == 1 and "1 of 32 prototypes" in warned[0]
 
 
 def test_plateau_monitor_zero_tolerance_disables():
