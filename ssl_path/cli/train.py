@@ -44,6 +44,7 @@ from ssl_path.data import default_local_crop_size
 from ssl_path.data.synthetic import synthetic_batch
 from ssl_path.engine import AtomicCheckpointIO, GracefulStop, LossProgressBar, PeriodicCheckpoint
 from ssl_path.method import DINOv2Module
+from ssl_path.method.init_from import init_from_checkpoint
 from ssl_path.method.module import unsupported_trainer_setting
 from ssl_path.models.io import CorruptCheckpointError, load_checkpoint
 
@@ -56,6 +57,7 @@ TOP_LEVEL = {
     "resume": bool,
     "overwrite": bool,
     "ckpt_path": str | None,
+    "init_from": str | None,
     "float32_matmul_precision": str,
 }
 # parameters that run() passes itself, by config node
@@ -276,6 +278,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("init_from") and ckpt is None:  # a new stage's first start; a resume has it all in ckpt
+        init_from_checkpoint(module, cfg.init_from)
     trainer = build_trainer(cfg, callbacks, build_loggers(cfg, run_dir))
     log.info("run dir %s; %s", run_dir, f"resuming from {ckpt}" if ckpt else "starting fresh")
     # our checkpoints hold only tensors and plain types: resume with weights_only loading

@@ -34,7 +34,7 @@ def parallelize(
 
     Args:
         model: a student or teacher ``nn.ModuleDict`` (``backbone``, ``dino_head``, ``ibot_head``) as
-            built by ``DINOv2Module``.
+            built by ``DINOv2Module``, or one holding a ``backbone`` only (the Gram teacher).
         mesh: 1-D data-parallel device mesh (``ModelParallelStrategy.device_mesh["data_parallel"]``);
             ``None``: no sharding.
         reshard_after_forward: free gathered block weights after forward (ZeRO-3); ``False`` keeps
@@ -57,7 +57,8 @@ def parallelize(
     for block in blocks:
         fully_shard(block, **kw)
     fully_shard(model["backbone"], **kw)
-    heads = {id(m): m for m in (model["dino_head"], model["ibot_head"])}  # the iBOT head may be shared
+    # the iBOT head may be shared; a Gram teacher has a backbone only
+    heads = {id(model[name]): model[name] for name in ("dino_head", "ibot_head") if name in model}
     for head in heads.values():
         fully_shard(head, **kw)
 

@@ -10,7 +10,9 @@ loop; this module owns the student, the EMA teacher, the multi-crop forward and 
 * student sees the global crops with iBOT masking and the ``n_l`` local crops without;
 * loss = DINO CE (student crops vs the other teacher global crops) + iBOT masked-patch CE
   + KoLeo / KDE on the student's global CLS tokens;
-* after each *optimiser* step (not micro-batch) ``teacher <- m teacher + (1 - m) student``.
+* after each *optimiser* step (not micro-batch) ``teacher <- m teacher + (1 - m) student``;
+* optionally (``gram``, DINOv3 §4) a Gram teacher, a frozen snapshot of the EMA teacher's backbone
+  refreshed on a schedule, anchors the student's patch-similarity structure (``losses.gram_loss``).
 
 Every scheduled value is recomputed from ``global_step`` (``schedules.Schedules.at``) at each step.
 """
@@ -42,6 +44,7 @@ from ssl_path.engine.parallel import parallelize
 from ssl_path.engine.rng import get_rng_state, set_rng_state
 from ssl_path.engine.throughput import ThroughputMeter
 from ssl_path.method.ema import ema_update
+from ssl_path.method.gram import GramConfig, gram_active, gram_snapshot_at
 from ssl_path.method.optim import OptimConfig, build_optimizer
 from ssl_path.method.schedules import Schedules, ScheduleValues, scale_lr
 
@@ -73,6 +76,9 @@ class DINOv2Module(L.LightningModule):
         centering: ``sinkhorn_knopp`` (DINOv2) or ``softmax`` (DINO's EMA centre).
         center_momentum: EMA momentum of the softmax centre.
         separate_ibot_head: a second head for iBOT (DINOv2 large configs) or the DINO head shared.
+        gram: Gram anchoring (:class:`~ssl_path.method.gram.GramConfig`; None or weight 0: off). The
+            Gram teacher is a backbone-only copy, in the state dict (so checkpoints and exact resume
+            carry it) and sharded like the teacher under FSDP2.
         ibot_head: keyword arguments of ``head`` that differ for the separate iBOT head, e.g.
             ``{bottleneck_dim: 256}`` (DINOv2's ViT-L/g: DINO bottleneck 384, iBOT 256); None: the same.
         ibot_normalization: ``dinov2`` (the masked-patch CE summed with per-image weights and divided
@@ -122,6 +128,7 @@ class DINOv2Module(L.LightningModule):
         separate_ibot_head: bool = True,
         ibot_head: dict[str, Any] | None = None,
         ibot_normalization: str = "dinov2",
+        gram: GramConfig | None = None,
         max_nonfinite_steps: int = 3,
         compile_blocks: bool = False,
         compile_options: dict[str, Any] | None = None,
@@ -142,7 +149,14 @@ class DINOv2Module(L.LightningModule):
         self.optim = optim
         self.batch_size = batch_size
         self.total_steps = total_steps
-        self.weights = {"dino": dino_weight, "ibot": ibot_weight, "koleo": koleo_weight, "kde": kde_weight}
+        self.gram = gram if gram is not None else GramConfig()
+        self.weights = {
+            "dino": dino_weight,
+            "ibot": ibot_weight,
+            "koleo": koleo_weight,
+            "kde": kde_weight,
+            "gram": self.gram.weight,
+        }
         self.kde_bandwidth = kde_bandwidth
         self.student_temp = student_temp
         self.teacher_schedule = dict(
@@ -175,6 +189,11 @@ class DINOv2Module(L.LightningModule):
             self.student["backbone"].vit.set_grad_checkpointing(True)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        if self.gram.enabled:  # a backbone like the teacher's; loaded from it at gram.start_step
+            self.gram_teacher = nn.ModuleDict({"backbone": backbone(drop_path_rate=0.0)})
+            self.gram_teacher.load_state_dict(self.teacher.state_dict(), strict=False)
+            self.gram_teacher.requires_grad_(False)
+            self.gram_teacher.eval()
         if centering == "softmax":
             self.dino_center = L_.SoftmaxCenter(_head_out_dim(self.student["dino_head"]))
             self.ibot_center = L_.SoftmaxCenter(_head_out_dim(self.student["ibot_head"]))
@@ -210,7 +229,7 @@ class DINOv2Module(L.LightningModule):
             mesh = dp_mesh
         policy = getattr(self.trainer.strategy, "mp_policy", None) if mesh is not None else None
         options = self.compile_options if self.compile_blocks else None
-        for model in (self.student, self.teacher):
+        for model in (self.student, *self.inference_models().values()):
             parallelize(model, mesh, mp_policy=policy, compile_options=options)
         if mesh is not None:
             for name in ("dino_center", "ibot_center"):  # plain buffers outside the sharded modules
@@ -223,10 +242,23 @@ class DINOv2Module(L.LightningModule):
         return build_optimizer(self.student, self.optim, use_fused=self.device.type in ("cpu", "cuda"))
 
     def train(self, mode: bool = True) -> DINOv2Module:
-        """The teacher stays in eval mode whatever Lightning asks (no drop path, fixed norms)."""
+        """The teachers stay in eval mode whatever Lightning asks (no drop path, fixed norms)."""
         super().train(mode)
-        self.teacher.eval()
+        for model in self.inference_models().values():
+            model.eval()
         return self
+
+    def inference_models(self) -> dict[str, nn.ModuleDict]:
+        """The models that never train: the EMA teacher and, with Gram anchoring, the Gram teacher.
+        Sharded like the student, kept in eval mode, checked for non-finite weights."""
+        models = {"teacher": self.teacher}
+        if self.gram.enabled:
+            models["gram_teacher"] = self.gram_teacher
+        return models
+
+    def target_model(self) -> nn.ModuleDict:
+        """The model whose centred outputs the student learns to predict: the EMA teacher."""
+        return self.teacher
 
     # ------------------------------------------------------------------ forward pieces
     @torch.no_grad()
@@ -235,9 +267,10 @@ class DINOv2Module(L.LightningModule):
         the backbone's global-crop CLS tokens ``cls`` (n_g*B, D) for the health metrics."""
         crops = batch["global_crops"]  # (n_g*B, 3, G, G)
         n_g = int(batch["n_global_crops"])
-        out = self.teacher["backbone"](crops)  # cls (n_g*B, D), patch (n_g*B, N, D)
-        cls_logits = self.teacher["dino_head"](out["cls"])  # (n_g*B, K)
-        ibot_logits = self.teacher["ibot_head"](_masked_tokens(out["patch"], batch))  # (M, K)
+        teacher = self.target_model()
+        out = teacher["backbone"](crops)  # cls (n_g*B, D), patch (n_g*B, N, D)
+        cls_logits = teacher["dino_head"](out["cls"])  # (n_g*B, K)
+        ibot_logits = teacher["ibot_head"](_masked_tokens(out["patch"], batch))  # (M, K)
         if self.centering == "softmax":
             cls_probs = self.dino_center.apply(cls_logits, teacher_temp)
             ibot_probs = self.ibot_center.apply(ibot_logits, teacher_temp)
@@ -271,7 +304,33 @@ class DINOv2Module(L.LightningModule):
             "cls_logits": cls_logits.unflatten(0, (n_g + n_l, -1)),
             "ibot_logits": ibot_logits,
             "global_cls": g["cls"],
+            "global_patch": g["patch"],  # (n_g*B, N, D), the masked global crops' patch tokens
         }
+
+    @torch.no_grad()
+    def gram_teacher_patches(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The Gram teacher's patch tokens of the (unmasked) global crops on the student's grid,
+        (n_g*B, N, D); computed at ``gram.teacher_crop_size`` and resized back when that is set."""
+        crops = batch["global_crops"]  # (n_g*B, 3, G, G)
+        size = self.gram.teacher_crop_size
+        if size is not None and size != crops.shape[-1]:
+            crops = torch.nn.functional.interpolate(
+                crops, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+            )
+        patches = self.gram_teacher["backbone"](crops)["patch"]
+        grid = batch["global_crops"].shape[-1] // self.student["backbone"].patch_size
+        return L_.resize_patch_grid(patches, grid, self.gram.resize_mode, self.gram.resize_antialias)
+
+    @torch.no_grad()
+    def snapshot_gram_teacher(self) -> None:
+        """Gram teacher <- the EMA teacher's backbone (DINOv3 ``update_gram`` with m = 0: a copy)."""
+        source = dict(self.teacher["backbone"].named_parameters())
+        source.update(dict(self.teacher["backbone"].named_buffers()))
+        for name, tensor in [
+            *self.gram_teacher["backbone"].named_parameters(),
+            *self.gram_teacher["backbone"].named_buffers(),
+        ]:
+            tensor.copy_(source[name])
 
     def compute_losses(
         self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], batch: dict[str, Any]
@@ -298,6 +357,14 @@ class DINOv2Module(L.LightningModule):
             out["koleo"] = sum(L_.koleo_loss(c) for c in student["global_cls"].chunk(n_g))
         if self.weights["kde"] > 0:
             out["kde"] = sum(L_.kde_loss(c, self.kde_bandwidth) for c in student["global_cls"].chunk(n_g))
+        if "gram_patches" in teacher:  # only from gram.start_step on (see _forward_losses)
+            out["gram"] = L_.gram_loss(
+                student["global_patch"],
+                teacher["gram_patches"],
+                normalize=self.gram.normalize,
+                img_level=self.gram.img_level,
+                remove_neg=self.gram.remove_neg,
+            )
         total = zero
         for name, value in out.items():
             total = total + self.weights[name] * value
@@ -339,7 +406,11 @@ class DINOv2Module(L.LightningModule):
         """Schedule at ``step`` (into ``optimizer``), teacher and student forward, the loss terms."""
         values = self.schedule_at(step)
         self.apply_optimizer_schedule(optimizer, values)
+        if gram_snapshot_at(self.gram, step):  # before this step's forward; idempotent under accumulation
+            self.snapshot_gram_teacher()
         teacher = self.teacher_output(batch, values.teacher_temp)
+        if gram_active(self.gram, step):
+            teacher["gram_patches"] = self.gram_teacher_patches(batch)
         student = self.student_output(batch)
         return values, teacher, student, self.compute_losses(student, teacher, batch)
 
@@ -567,7 +638,7 @@ class DINOv2Module(L.LightningModule):
         One host read (and, when distributed, one all-reduce: call on every rank), so only where the
         host waits for the device anyway: the end of training (a run with NaN weights must not count
         as finished) and every checkpoint save (it must not replace a good checkpoint)."""
-        bad = nonfinite_tensors({"student": self.student, "teacher": self.teacher})
+        bad = nonfinite_tensors({"student": self.student, **self.inference_models()})
         if bad:
             raise NonFiniteWeightsError(
                 f"{len(bad)} student/teacher tensor(s) hold non-finite values {when} (step "
