@@ -25,11 +25,13 @@ from ssl_path.tiling.pipeline import (
     tile_slides,
     tissue_mask,
 )
+from ssl_path.tiling.qc import QcLayer, draw_qc, write_index
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import thumbnail_tissue_mask, tile_tissue_fraction
 
 __all__ = [
     "MANIFEST_NAME",
+    "QcLayer",
     "SLIDE_EXTENSIONS",
     "SlideError",
     "SlideMpp",
@@ -38,6 +40,7 @@ __all__ = [
     "TileLayout",
     "TilingConfig",
     "TilingWarning",
+    "draw_qc",
     "find_slide_records",
     "find_slides",
     "load_manifest",
@@ -58,4 +61,5 @@ __all__ = [
     "tile_slides",
     "tile_tissue_fraction",
     "tissue_mask",
+    "write_index",
 ]

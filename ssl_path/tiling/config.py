@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 # Fields that change speed, never the tiles: a resumed run may change them.
 RUNTIME_FIELDS = ("threads",)
+# Fields that change neither the tiles nor how fast they are made (extra outputs): not in ``to_dict``,
+# so they never enter the manifest's config, its ``dataset_id`` or a resume check.
+UNRECORDED_FIELDS = ("qc",)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class TilingConfig:
             background between tissue tiles).
         threads: threads per slide process that read blocks, filter and JPEG-encode tiles (openslide, PIL
             and numpy release the GIL); output is identical for any value.
+        qc: write the tiling QC pictures: ``qc/<slide_id>.png`` per slide (thumbnail, tissue mask, tiles
+            by fate; listed as the slide's ``qc`` in the manifest) and ``qc/index.html``
+            (``ssl_path.tiling.qc``). Drawn from the mask thumbnail, no extra slide reads. Not recorded
+            in the manifest's config (``UNRECORDED_FIELDS``): switching it changes no tile and no id.
     """
 
     target_mpps: tuple[float, ...] = (0.5,)
@@ -56,6 +63,7 @@ class TilingConfig:
     resample: str = "bilinear"
     read_block: int = 2
     threads: int = 2
+    qc: bool = True
 
     def __post_init__(self) -> None:
         mpps = (self.target_mpps,) if isinstance(self.target_mpps, int | float) else self.target_mpps
@@ -75,10 +83,11 @@ class TilingConfig:
         _check(self.resample in RESAMPLE_FILTERS, f"resample must be one of {RESAMPLE_FILTERS}")
         _check(self.read_block >= 1, "read_block must be >= 1")
         _check(self.threads >= 1, "threads must be >= 1")
+        _check(isinstance(self.qc, bool), f"qc must be true or false, got {self.qc!r}")
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (what the manifest records and compares on resume)."""
-        d = asdict(self)
+        """JSON-ready dict: what the manifest records and compares on resume (not ``UNRECORDED_FIELDS``)."""
+        d = {k: v for k, v in asdict(self).items() if k not in UNRECORDED_FIELDS}
         d["target_mpps"] = list(self.target_mpps)
         return d
 

@@ -98,11 +98,14 @@ def update_manifest(
     config: dict,
     entries: dict[str, dict] | Callable[[dict[str, dict]], dict[str, dict]],
     last_run: dict | None = None,
+    on_save: Callable[[dict], None] | None = None,
 ) -> dict:
     """Merge slide ``entries`` into the manifest on disk (other entries kept) and save it, under the lock.
 
     ``entries`` may be a function of the slides on disk, called under the lock: a read-decide-write
-    cycle that no other tiler can interleave with (how ``tile_slides`` claims slide ids).
+    cycle that no other tiler can interleave with (how ``tile_slides`` claims slide ids). ``on_save``
+    is called with the merged manifest after it is saved, still under the lock, so views of it (the
+    tiling QC index) are written in the order of the merges.
     """
     with manifest_lock(output):
         current = load_manifest(output)
@@ -111,4 +114,6 @@ def update_manifest(
         slides.update(entries(dict(slides)) if callable(entries) else entries)
         manifest = build_manifest(config, slides, last_run)
         save_manifest(output, manifest)
+        if on_save is not None:
+            on_save(manifest)
     return manifest

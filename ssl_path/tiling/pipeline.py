@@ -48,6 +48,7 @@ from ssl_path.tiling.fastread import JpegTiffLevel0
 from ssl_path.tiling.grid import TileGrid, slide_rng, tile_grid
 from ssl_path.tiling.inputs import ID_RE, SlideRecord, path_id, record_ids
 from ssl_path.tiling.manifest import update_manifest
+from ssl_path.tiling.qc import REJECTED, QcLayer, draw_qc, tile_fates, write_index, write_slide_qc
 from ssl_path.tiling.reader import best_level, map_tiles, read_thumbnail
 from ssl_path.tiling.slide import SlideError, SlideMpp, open_slide, resolve_mpp
 from ssl_path.tiling.tissue import mask_coverage, thumbnail_tissue_mask, tile_tissue_fraction
@@ -64,11 +65,18 @@ class TilingWarning(UserWarning):
 
 def tissue_mask(slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig) -> tuple[np.ndarray, float, float]:
     """Thumbnail tissue mask of ``slide`` at ``cfg.thumbnail_mpp`` and its level-0 px per mask px (x, y)."""
+    return _thumbnail_and_mask(slide, mpp, cfg)[1]
+
+
+def _thumbnail_and_mask(
+    slide: openslide.OpenSlide, mpp: float, cfg: TilingConfig
+) -> tuple[np.ndarray, tuple[np.ndarray, float, float]]:
+    """The thumbnail at ``cfg.thumbnail_mpp`` ((h, w, 3) uint8) and ``tissue_mask``'s result from it."""
     w0, h0 = slide.dimensions
     ds = max(cfg.thumbnail_mpp / mpp, 1.0)
     thumb = read_thumbnail(slide, (max(1, round(w0 / ds)), max(1, round(h0 / ds))))
     mask = thumbnail_tissue_mask(thumb, cfg.min_saturation)
-    return mask, w0 / mask.shape[1], h0 / mask.shape[0]
+    return thumb, (mask, w0 / mask.shape[1], h0 / mask.shape[0])
 
 
 def _judge(
@@ -92,11 +100,15 @@ def _filtered_tiles(
     cfg: TilingConfig,
     payload: Callable[[np.ndarray], T],
     fast: JpegTiffLevel0 | None = None,
+    judged: dict[int, float] | None = None,
 ) -> Iterator[tuple[int, float, T]]:
-    """Yield ``(k, tissue_fraction, payload(tile))`` for the tiles of ``index`` that pass the tile filter."""
+    """Yield ``(k, tissue_fraction, payload(tile))`` for the tiles of ``index`` that pass the tile filter;
+    ``judged`` (if given) gets ``k: tissue_fraction`` of every tile read, kept or not."""
     judge = _judge(cfg, payload)
-    judged = map_tiles(slide, grid, index, level, judge, cfg.read_block, cfg.resample, cfg.threads, fast)
-    for k, (frac, kept) in judged:
+    results = map_tiles(slide, grid, index, level, judge, cfg.read_block, cfg.resample, cfg.threads, fast)
+    for k, (frac, kept) in results:
+        if judged is not None:
+            judged[k] = frac
         if kept:
             yield k, frac, kept[0]
 
@@ -110,18 +122,20 @@ def select_tiles(
     slide_id: str,
     fast: JpegTiffLevel0 | None = None,
     payload: Callable[[np.ndarray], T] | None = None,
+    judged: dict[int, float] | None = None,
 ) -> Iterator[tuple[int, float, T]]:
     """Tiles to write: all candidates passing the filter, or with ``max_tiles_per_slide`` the first that
     pass in a permutation seeded by (seed, slide id, target mpp), read in chunks, yielded in grid order.
 
     Yields ``(k, tissue_fraction, payload(tile))``; ``payload`` runs in the reader threads on kept tiles
-    only (default: the JPEG at ``cfg.jpeg_quality``, what the shards store).
+    only (default: the JPEG at ``cfg.jpeg_quality``, what the shards store). ``judged`` (if given) gets
+    ``k: tissue_fraction`` of every candidate read (with sampling, those left unread are absent).
     """
     if payload is None:
         payload = functools.partial(_encode_jpeg, quality=cfg.jpeg_quality)
     limit = cfg.max_tiles_per_slide
     if limit is None:
-        yield from _filtered_tiles(slide, grid, candidates, level, cfg, payload, fast)
+        yield from _filtered_tiles(slide, grid, candidates, level, cfg, payload, fast, judged)
         return
     perm = slide_rng(cfg.seed, slide_id, grid.target_mpp).permutation(len(candidates))
     kept: dict[int, tuple[float, T]] = {}
@@ -129,8 +143,11 @@ def select_tiles(
     while len(kept) < limit and pos < len(perm):
         chunk = perm[pos : pos + max(64, 2 * (limit - len(kept)))]
         pos += len(chunk)
-        judged = _filtered_tiles(slide, grid, candidates[chunk], level, cfg, payload, fast)
-        passed = {int(chunk[k]): (f, t) for k, f, t in judged}
+        seen: dict[int, float] = {}
+        results = _filtered_tiles(slide, grid, candidates[chunk], level, cfg, payload, fast, seen)
+        passed = {int(chunk[k]): (f, t) for k, f, t in results}
+        if judged is not None:
+            judged.update((int(chunk[k]), f) for k, f in seen.items())
         for k in chunk:  # permutation order decides who gets in
             if int(k) in passed and len(kept) < limit:
                 kept[int(k)] = passed[int(k)]
@@ -194,13 +211,15 @@ def slide_tiles(
     slide_id: str,
     fast: JpegTiffLevel0 | None = None,
     payload: Callable[[np.ndarray], T] = _identity,
+    judged: dict[int, float] | None = None,
 ) -> Iterator[tuple[int, int, float, T]]:
     """The tiles the tiler keeps for ``layout``, in grid order: ``(x, y, tissue_fraction, payload(tile))``
     with level-0 ``x, y`` and ``tile`` a (tile_size, tile_size, 3) uint8 RGB array (``payload`` runs in
     the reader threads; default: the array itself). ``ssl-path-tile`` writes these tiles (as JPEG) and
-    ``ssl-path-embed`` encodes them, so both see the same tiles for the same config."""
+    ``ssl-path-embed`` encodes them, so both see the same tiles for the same config. ``judged`` (if
+    given) gets the tissue fraction of every candidate read, by candidate index (``select_tiles``)."""
     for k, frac, data in select_tiles(
-        slide, layout.grid, layout.candidates, layout.level, cfg, slide_id, fast, payload
+        slide, layout.grid, layout.candidates, layout.level, cfg, slide_id, fast, payload, judged
     ):
         yield (*layout.xy(k), frac, data)
 
@@ -225,15 +244,17 @@ def _tile_at_mpp(
     cfg: TilingConfig,
     fast: JpegTiffLevel0 | None = None,
     user_meta: Mapping[str, str] | None = None,
-) -> dict:
-    """Tile one slide at one target mpp into ``writer``; returns counts for the manifest."""
+) -> tuple[dict, QcLayer]:
+    """Tile one slide at one target mpp into ``writer``; returns counts for the manifest (kept ``tiles``
+    and ``rejected`` by reason) and every grid tile's fate (for the QC picture)."""
     slide_id, source = ids
     layout = tile_layout(slide, mask, slide_mpp.mpp, target_mpp, cfg)
     level = layout.level
     suffix = f"_{round(target_mpp * 1000)}nm" if len(cfg.target_mpps) > 1 else ""
     encode = functools.partial(_encode_jpeg, quality=cfg.jpeg_quality)
-    n = 0
-    for x, y, frac, jpeg in slide_tiles(slide, layout, cfg, slide_id, fast, encode):
+    judged: dict[int, float] = {}
+    kept: list[tuple[int, int]] = []
+    for x, y, frac, jpeg in slide_tiles(slide, layout, cfg, slide_id, fast, encode, judged):
         meta = {
             "slide_id": slide_id,
             "x": x,
@@ -250,8 +271,12 @@ def _tile_at_mpp(
         if user_meta:  # only when given, so tiles without user metadata stay byte-identical
             meta["meta"] = dict(user_meta)
         writer.write(f"{slide_id}_{level}_{x}_{y}{suffix}", jpeg, meta)
-        n += 1
-    return {**layout.stats(), "tiles": n}
+        kept.append((x, y))
+    fates = tile_fates(layout.grid, layout.candidates, judged, kept, cfg.tissue_threshold)
+    layer = QcLayer(target_mpp, layout.grid, fates)
+    counts = layer.counts()
+    rejected = {reason: counts[reason] for reason in REJECTED}
+    return {**layout.stats(), "tiles": len(kept), "rejected": rejected}, layer
 
 
 def failed_entry(source: str | Path, reason: str | None, meta: Mapping[str, str] | None = None) -> dict:
@@ -299,20 +324,27 @@ def tile_slide(
             entry["mpp"], entry["mpp_source"] = slide_mpp.mpp, slide_mpp.source
             if slide_mpp.warning:
                 entry["warnings"].append(slide_mpp.warning)
-            mask = tissue_mask(slide, slide_mpp.mpp, cfg)
+            thumb, mask = _thumbnail_and_mask(slide, slide_mpp.mpp, cfg)
+            dims = slide.dimensions
             fast = open_fast_reader(source, slide, slide_mpp.mpp, cfg)
             writer = SlideShardWriter(
                 Path(output) / "shards", slide_id, cfg.shard_max_count, cfg.shard_max_size
             )
+            layers = []
             for target in cfg.target_mpps:
                 ids = (slide_id, str(source))
-                stats = _tile_at_mpp(slide, mask, slide_mpp, target, ids, writer, cfg, fast, record.meta)
+                stats, layer = _tile_at_mpp(
+                    slide, mask, slide_mpp, target, ids, writer, cfg, fast, record.meta
+                )
                 entry["per_mpp"][f"{target:g}"] = stats
                 entry["tiles"] += stats["tiles"]
+                layers.append(layer)
             entry["shards"] = writer.commit()
             entry["status"] = "ok"
             if entry["tiles"] == 0:
                 entry["warnings"].append(f"{slide_id}: no tissue tiles found")
+            if cfg.qc:
+                _write_qc(entry, output, slide_id, thumb, mask, dims, layers)
     except SlideError as e:
         entry["reason"] = str(e)
     except Exception as e:  # noqa: BLE001 - one bad slide must not stop the others; the reason is recorded
@@ -325,6 +357,39 @@ def tile_slide(
             fast.close()
     entry["seconds"] = round(time.perf_counter() - start, 3)
     return entry
+
+
+def _write_qc(
+    entry: dict,
+    output: str | Path,
+    slide_id: str,
+    thumb: np.ndarray,
+    mask: tuple[np.ndarray, float, float],
+    dims: tuple[int, int],
+    layers: list[QcLayer],
+) -> None:
+    """Draw and save the slide's QC picture (``qc.draw_qc``) and list it in ``entry``; a failure to do so
+    is a warning of the slide, never a failed slide."""
+    try:
+        subtitle = f"level 0 {dims[0]}x{dims[1]} px, {entry['mpp']:g} um/px ({entry['mpp_source']})"
+        image = draw_qc(slide_id, thumb, mask, dims, layers, subtitle)
+        entry["qc"] = write_slide_qc(output, slide_id, image)
+    except Exception as e:  # noqa: BLE001 - the tiles are written; a missing picture is only reported
+        log.exception("slide %s: QC picture failed", slide_id)
+        entry["warnings"].append(f"{slide_id}: QC picture not written: {type(e).__name__}: {e}")
+
+
+def _index_writer(output: Path) -> Callable[[dict], None]:
+    """``update_manifest``'s ``on_save``: rewrite ``qc/index.html`` from each merged manifest (under the
+    manifest lock, so the last index written is the last manifest's); a failure only logs."""
+
+    def write(manifest: dict) -> None:
+        try:
+            write_index(output, manifest)
+        except Exception:  # noqa: BLE001 - the index is a view of the manifest; tiling goes on
+            log.exception("could not write the tiling QC index in %s", output)
+
+    return write
 
 
 CLAIMED = "claimed; tiling not finished (in progress, or the tiler was killed)"
@@ -436,7 +501,8 @@ def tile_slides(
     progress: bool = True,
 ) -> dict:
     """Tile ``slides`` (paths or ``SlideRecord``s, or ``{proposed id: path or record}``) into ``output``
-    (``shards/*.tar`` + ``manifest.json``) and return the manifest.
+    (``shards/*.tar`` + ``manifest.json``; with ``cfg.qc`` also ``qc/<slide_id>.png`` per slide tiled
+    and ``qc/index.html``, rewritten after every merge: ``ssl_path.tiling.qc``) and return the manifest.
 
     Ids are claimed first (see the module docstring); a record's own ``slide_id`` is used as given
     (``record_ids``). Slides already ``ok`` in an existing manifest are skipped; failed or missing ones
@@ -472,7 +538,8 @@ def tile_slides(
             sid: failed_entry(p, CLAIMED, by_path[p].meta) for sid, p in ids.items() if sid not in recorded
         }
 
-    update_manifest(output, config, claim)
+    on_save = _index_writer(output) if cfg.qc else None
+    update_manifest(output, config, claim, on_save=on_save)
     if kept:
         message = (
             f"{len(kept)} slide(s) already tiled are kept as they are, though the metadata given for "
@@ -488,11 +555,11 @@ def tile_slides(
             counts[entry["status"]] += 1
             counts["tiles_written"] += entry["tiles"]
             _report(sid, entry)
-            update_manifest(output, config, {sid: entry})
+            update_manifest(output, config, {sid: entry}, on_save=on_save)
             bar.update(1)
             bar.set_postfix(tiles=counts["tiles_written"], failed=counts["failed"])
     counts["seconds"] = round(time.perf_counter() - start, 3)
-    return update_manifest(output, config, {}, last_run=counts)
+    return update_manifest(output, config, {}, last_run=counts, on_save=on_save)
 
 
 def _as_record(slide: str | Path | SlideRecord) -> SlideRecord:
