@@ -16,6 +16,8 @@ import pytest
         ("ssl-path-export", "checkpoint:"),
         ("ssl-path-embed", "embed:"),
         ("ssl-path-mil", "mil:"),
+        ("ssl-path-viz", "region:"),
+        ("ssl-path-report", "run_dir:"),
     ],
 )
 def test_console_script_composes_its_config_outside_the_repo(tmp_path, script, key):

@@ -29,6 +29,8 @@ SCRIPTS = {
     "ssl-path-export": "checkpoint:",
     "ssl-path-embed": "embed:",
     "ssl-path-mil": "mil:",
+    "ssl-path-viz": "region:",
+    "ssl-path-report": "run_dir:",
 }
 
 
