@@ -58,6 +58,7 @@ TOP_LEVEL = {
     "overwrite": bool,
     "ckpt_path": str | None,
     "init_from": str | None,
+    "init_from_required": bool,
     "float32_matmul_precision": str,
 }
 # parameters that run() passes itself, by config node
@@ -253,6 +254,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigValidationError(
             "overwrite=true: only with resume=false (it moves the run dir's checkpoints aside for a "
             "fresh start); resume=true continues from them"
+        )
+    if cfg.get("init_from_required") and not cfg.get("init_from"):
+        raise ConfigValidationError(
+            "init_from: this stage continues a finished run; add init_from=<its run dir or checkpoint>"
         )
     check_config_data(cfg)  # data.root and its manifest, before anything is created (DataRootError)
     run_dir = Path(cfg.paths.output_dir)

@@ -63,6 +63,10 @@ class MultiCropConfig:
     """Every knob of the multi-crop recipe (defaults: DINOv2 ViT-L/14 recipe + pathology extras).
 
     ``local_crop_size=None`` means DINOv2's size for the patch (:meth:`resolved`: 98 at p14, 96 at p16).
+    ``size_mix_global``, ``size_mix_local``, ``size_mix_p`` (DINOv3's high-resolution
+    ``global_crops_size``, ``local_crops_size``, ``global_local_crop_pairs_ratios``): one (global, local)
+    size pair per batch, drawn with the batch's seeded generator (:meth:`for_batch`), so a resumed run
+    draws the same sizes; empty: every batch at ``global_crop_size`` / ``local_crop_size``.
     Per-global-crop lists (``global_blur_p``, ``solarize_p``) give the value for crop j as
     ``list[min(j, len - 1)]``, so extra global crops reuse the last entry.
 
@@ -113,10 +117,23 @@ class MultiCropConfig:
     solarize_p: tuple[float, ...] = (0.0, 0.2)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    size_mix_global: tuple[int, ...] = ()
+    size_mix_local: tuple[int, ...] = ()
+    size_mix_p: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("global_crop_scale", "local_crop_scale", "global_blur_p", "blur_sigma", "solarize_p"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name, kind in (("size_mix_global", int), ("size_mix_local", int), ("size_mix_p", float)):
+            object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
+        mix = (self.size_mix_global, self.size_mix_local, self.size_mix_p)
+        if any(mix) and not (len(mix[0]) == len(mix[1]) == len(mix[2]) > 0):
+            raise ValueError(
+                "size_mix_global, size_mix_local and size_mix_p need one entry per (global, local) size "
+                f"pair, got {len(mix[0])}, {len(mix[1])} and {len(mix[2])}"
+            )
+        if min(mix[0] + mix[1], default=1) <= 0 or min(mix[2], default=1) <= 0:
+            raise ValueError("size_mix_global and size_mix_local must be > 0, size_mix_p > 0")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.n_global_crops < 1 or self.n_local_crops < 0:
@@ -134,6 +151,35 @@ class MultiCropConfig:
             raise ValueError("blur_kernel_size must be odd")
         if not self.global_blur_p or not self.solarize_p:
             raise ValueError("global_blur_p and solarize_p need at least one entry")
+
+    def size_pairs(self) -> list[tuple[int, int | None]]:
+        """Every (global, local) crop size a batch may have: the mix, else the one pair."""
+        if self.size_mix_global:
+            return list(zip(self.size_mix_global, self.size_mix_local, strict=True))
+        return [(self.global_crop_size, self.local_crop_size)]
+
+    def for_batch(self, rng: np.random.Generator) -> MultiCropConfig:
+        """The recipe of one batch: with a size mix of two or more pairs, the pair drawn from ``rng``
+        with probabilities ``size_mix_p`` (normalised) as the batch's first draw; else this recipe, and
+        ``rng`` is not touched (a run without a mix draws exactly what it drew before)."""
+        if not self.size_mix_global:
+            return self
+        k = 0
+        if len(self.size_mix_global) > 1:
+            p = np.asarray(self.size_mix_p, dtype=np.float64)
+            k = int(rng.choice(len(p), p=p / p.sum()))
+        return self.with_sizes(self.size_mix_global[k], self.size_mix_local[k])
+
+    def with_sizes(self, global_crop_size: int, local_crop_size: int | None) -> MultiCropConfig:
+        """This recipe at one (global, local) size pair, without a mix."""
+        return replace(
+            self,
+            global_crop_size=global_crop_size,
+            local_crop_size=local_crop_size,
+            size_mix_global=(),
+            size_mix_local=(),
+            size_mix_p=(),
+        )
 
     def resolved(self, patch_size: int) -> MultiCropConfig:
         """This config with ``local_crop_size`` filled in for ``patch_size`` when it is None."""

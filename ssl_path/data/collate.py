@@ -38,10 +38,9 @@ class MultiCropCollate:
     def __init__(
         self, cfg: MultiCropConfig, masking: MaskingConfig, patch_size: int, device_augment: bool
     ) -> None:
-        if cfg.global_crop_size % patch_size:
-            raise ValueError(
-                f"global_crop_size {cfg.global_crop_size} is not a multiple of patch {patch_size}"
-            )
+        for size, _ in cfg.size_pairs():
+            if size % patch_size:
+                raise ValueError(f"global crop size {size} is not a multiple of patch {patch_size}")
         self.cfg, self.masking, self.patch_size, self.device_augment = (
             cfg,
             masking,
@@ -52,14 +51,16 @@ class MultiCropCollate:
 
     def __call__(self, tiles: list[torch.Tensor], rng: np.random.Generator) -> dict[str, Any]:
         """A :class:`Batch` but for ``data_stats`` (the stream adds it); on the GPU path ``tiles`` and
-        ``tile_params`` in place of the crops, until :func:`finish_on_device`."""
-        cfg, m = self.cfg, self.masking
+        ``tile_params`` in place of the crops, until :func:`finish_on_device`. With a crop-size mix
+        (``MultiCropConfig.size_mix_*``) the batch's sizes are its first draw from ``rng``."""
+        cfg, m = self.cfg.for_batch(rng), self.masking
+        grid = (cfg.global_crop_size // self.patch_size,) * 2
         hw = np.array([[t.shape[1], t.shape[2]] for t in tiles], dtype=np.int64)
         params = sample_params(rng, cfg, hw)
         masks = sample_masks(
             rng,
             cfg.n_global_crops * len(tiles),
-            self.grid,
+            grid,
             m.mask_probability,
             m.mask_ratio_min_max,
             m.min_num_patches,
@@ -75,6 +76,8 @@ class MultiCropCollate:
         if self.device_augment:
             batch["tiles"] = pad_tiles(tiles)
             batch["tile_params"] = params
+            if self.cfg.size_mix_global:  # the drawn sizes, for finish_on_device
+                batch["crop_sizes"] = (cfg.global_crop_size, cfg.local_crop_size)
             return batch
         batch["global_crops"] = crops_cpu(tiles, params["global"], cfg.global_crop_size, cfg)
         if cfg.n_local_crops:
@@ -92,9 +95,13 @@ def pad_tiles(tiles: list[torch.Tensor]) -> torch.Tensor:
 
 
 def finish_on_device(batch: dict[str, Any], cfg: MultiCropConfig) -> Batch:
-    """GPU half of ``device_augment``: swap ``tiles``/``tile_params`` for the crops, on the tiles' device."""
+    """GPU half of ``device_augment``: swap ``tiles``/``tile_params`` for the crops, on the tiles' device
+    (at the batch's drawn ``crop_sizes`` with a crop-size mix)."""
     tiles = batch.pop("tiles")
     params = batch.pop("tile_params")
+    sizes = batch.pop("crop_sizes", None)
+    if sizes is not None:
+        cfg = cfg.with_sizes(int(sizes[0]), None if sizes[1] is None else int(sizes[1]))
     batch["global_crops"] = crops_device(tiles, params["global"], cfg.global_crop_size, cfg)
     if "local" in params:
         batch["local_crops"] = crops_device(tiles, params["local"], cfg.local_crop_size, cfg)

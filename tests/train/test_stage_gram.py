@@ -70,3 +70,15 @@ def test_gram_stage_refreshes_and_resumes_bit_exact_after_kill9(smoke_run, tiled
         for k in gram
     )
     assert " gram " in (run_a / "train.log").read_text()  # the step log shows the gram term
+
+
+def test_a_stage_without_init_from_is_refused_before_anything_is_made(compose_train, tiled_root, tmp_path):
+    from ssl_path.cli.train import run
+    from ssl_path.config_validation import ConfigValidationError
+
+    for stage in ("gram", "highres"):
+        out = tmp_path / stage
+        cfg = compose_train([*tiny_overrides(tiled_root), f"stage={stage}", f"paths.output_dir={out}"])
+        with pytest.raises(ConfigValidationError, match="init_from=<its run dir or checkpoint>"):
+            run(cfg)
+        assert not out.exists()
