@@ -3,6 +3,7 @@
 The runtime around it (checkpoints, preemption, non-finite guard, parallelism) is ``ssl_path.engine``.
 """
 
+from ssl_path.method.distill import DistillModule
 from ssl_path.method.ema import ema_update
 from ssl_path.method.module import DINOv2Module, build_schedules
 from ssl_path.method.optim import OptimConfig, build_optimizer, init_state
@@ -11,6 +12,7 @@ from ssl_path.method.schedules import Schedules, ScheduleValues
 
 __all__ = [
     "DINOv2Module",
+    "DistillModule",
     "OptimConfig",
     "ScheduleValues",
     "Schedules",
