@@ -169,6 +169,9 @@ def health_metrics(
         "health/prototypes_used": prototypes_used(probs),
         "health/log_k": lk,
     }
+    # nats below ln K: 0 for a uniform output, ln K for a one-hot one
+    out["health/teacher_entropy_gap"] = lk - out["health/teacher_entropy"]
+    out["health/student_entropy_gap"] = lk - out["health/student_entropy"]
     if "cls" in teacher:
         out["health/cls_std"] = cls_std(teacher["cls"])
         out["health/rankme"] = rankme(teacher["cls"])

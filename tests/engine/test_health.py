@@ -37,6 +37,8 @@ HEALTH_KEYS = {
     "health/dino_gap",
     "health/rankme",
     "health/koleo_nn_dist",
+    "health/teacher_entropy_gap",
+    "health/student_entropy_gap",
 }
 
 
@@ -104,6 +106,12 @@ def test_health_metrics_keys_and_gap():
     out = health_metrics(teacher, student, 0.1, dino=torch.tensor(math.log(K)))
     assert set(out) == HEALTH_KEYS and all(v.dim() == 0 for v in out.values())
     assert out["health/dino_gap"].item() == pytest.approx(0.0, abs=1e-6)
+    # uniform teacher targets and student predictions: no entropy below ln K
+    assert out["health/teacher_entropy_gap"].item() == pytest.approx(0.0, abs=1e-5)
+    assert out["health/student_entropy_gap"].item() == pytest.approx(0.0, abs=1e-5)
+    one_hot = {"cls_probs": torch.nn.functional.one_hot(torch.arange(6).view(2, 3), K).float()}
+    gaps = health_metrics(one_hot, student, 0.1)
+    assert gaps["health/teacher_entropy_gap"].item() == pytest.approx(math.log(K), rel=1e-6)
     assert "health/dino_gap" not in health_metrics(teacher, student, 0.1)
     with_center = health_metrics(teacher, student, 0.1, center=torch.ones(1, K))
     assert with_center["health/center_norm"].item() == pytest.approx(4.0)
