@@ -54,10 +54,9 @@ def _assert_same(a, b, where: str = "") -> None:
 
 
 @pytest.mark.slow
-def test_distil_a_smoke_teacher_into_a_smaller_student_and_resume_bit_exact(tiled_root, tmp_path):
+def test_distil_a_smoke_teacher_into_a_smaller_student_and_resume_bit_exact(tiled_root, smoke_run, tmp_path):
     common = [*tiny_overrides(tiled_root), "data.num_workers=0"]
-    teacher_dir = tmp_path / "teacher"
-    assert _run_in_process([*common, "trainer.max_steps=2"], teacher_dir)["status"] == "finished"
+    teacher_dir = smoke_run  # a finished 2-step smoke run (tests/train/conftest.py)
 
     distill = [
         *common,

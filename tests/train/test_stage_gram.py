@@ -4,22 +4,13 @@ and resume that ends bit-exact with an uninterrupted run (the Gram teacher is in
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.data.test_remote import PauseAtStep  # noqa: F401 -- the callback the paused run loads
-from tests.train.runs import checkpoint_step, run_train, tiny_overrides
+from tests.train.runs import checkpoint_step, tiny_overrides
 from tests.train.test_train import _assert_same_state, _finish, _start, _wait_for_checkpoint
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tiled_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 4-step tiny smoke run: the stage's init_from."""
-    run_dir = tmp_path_factory.mktemp("gram") / "pretrain"
-    run_train([*tiny_overrides(tiled_root), "trainer.max_steps=4", f"hydra.run.dir={run_dir}"])
-    return run_dir
 
 
 @pytest.mark.slow

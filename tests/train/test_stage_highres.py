@@ -48,14 +48,6 @@ def _last(run_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tiled_root, tmp_path_factory) -> Path:
-    """A finished 2-step smoke run (64 px crops) through the CLI."""
-    run_dir = tmp_path_factory.mktemp("smoke")
-    run_train([*tiny_overrides(tiled_root), "trainer.max_steps=2", f"hydra.run.dir={run_dir}"])
-    return run_dir
-
-
-@pytest.fixture(scope="module")
 def highres_run(tiled_root, smoke_run, tmp_path_factory) -> Path:
     """``stage=highres init_from=<smoke run>`` at 2x the crop size, 2 steps, through the CLI."""
     run_dir = tmp_path_factory.mktemp("highres")
