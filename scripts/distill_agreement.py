@@ -87,6 +87,7 @@ def features(model: nn.ModuleDict, images: torch.Tensor) -> tuple[torch.Tensor, 
     return cls, model["dino_head"](cls)
 
 
+@torch.no_grad()  # scoped: the tests call main() in-process, a global switch would leak into later tests
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random-init students")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
 
     teacher, t_info = load_distill_teacher(args.teacher)
     student, s_info = load_distill_teacher(args.student, prefix=f"{args.part}.")

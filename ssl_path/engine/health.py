@@ -112,11 +112,14 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
         features: (N, D) features, e.g. the teacher's CLS tokens of the global crops.
         eps: added to each normalised singular value (the paper's 1e-7).
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor; NaN when ``features`` hold a non-finite value (a skipped step: the SVD would
+        raise, and the ``where`` keeps this free of host syncs).
     """
-    s = torch.linalg.svdvals(features.detach().float())  # (min(N, D),)
+    x = features.detach().float()
+    finite = torch.isfinite(x).all()
+    s = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))  # (min(N, D),)
     p = s / s.sum().clamp_min(torch.finfo(torch.float32).tiny) + eps
-    return torch.exp(-(p * p.log()).sum())
+    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(s[0], float("nan")))
 
 
 def nn_distance(features: torch.Tensor, chunks: int = 1) -> torch.Tensor:

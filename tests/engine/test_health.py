@@ -87,6 +87,11 @@ def test_rankme_full_for_random_features_one_for_rank_one():
     s = np.linalg.svd(x.numpy().astype(np.float64), compute_uv=False)
     p = s / s.sum() + 1e-7
     assert rankme(x).item() == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
+    # a poisoned (skipped) step: NaN, not a LinAlgError from the SVD
+    x[3, 2] = float("nan")
+    assert torch.isnan(rankme(x))
+    x[3, 2] = float("inf")
+    assert torch.isnan(rankme(x))
 
 
 def test_nn_distance_zero_when_collapsed_larger_when_spread():

@@ -228,3 +228,4 @@ def test_agreement_script_measures_and_orders(teacher_run, kather_dir, tmp_path,
     assert [r["student"] for r in rows] == ["distilled student (EMA)", "random-init student, seed 0"]
     assert all(0 <= r["cka"] <= 1 and 0 <= r["knn"] <= 1 and r["dino"] > 0 for r in rows)
     assert "| distilled student (EMA) |" in capsys.readouterr().out
+    assert torch.is_grad_enabled()  # the script's no_grad is scoped: later tests train in this process
