@@ -13,7 +13,11 @@ started. So every node with a ``_target_`` is checked against its target's signa
   ints > 0 (``model.head.out_dim=0`` would otherwise fail deep inside ``weight_norm``);
 * every number under ``optim``, ``method`` and ``model`` must be finite: hydra parses the overrides
   ``inf``, ``-inf`` and ``nan`` to floats, which pass as ``float`` but make the weights NaN (the warmup
-  lr at step 0 of ``optim.lr=inf`` is ``0 * inf``).
+  lr at step 0 of ``optim.lr=inf`` is ``0 * inf``);
+* every entry of a group whose entries are all instantiated (``callbacks``, ``logger``) must be a
+  ``_target_`` node or null: an experiment that tunes ``callbacks.periodic_eval.every_n_steps``, run with
+  a callbacks group that does not define ``periodic_eval``, merges into a dict without ``_target_``,
+  which hydra would otherwise hand to the Trainer as a plain dict.
 
 Errors name the full dotted key and the target, e.g.
 ``method.student_tmp: not a parameter of ssl_path.method.DINOv2Module (did you mean 'student_temp'?)``.
@@ -35,6 +39,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # top-level nodes whose numbers all feed the training arithmetic: none may be inf or nan
 FINITE_NODES = ("optim", "method", "model")
+# top-level groups whose every entry is instantiated (one callback / logger each)
+TARGET_GROUPS = ("callbacks", "logger")
 
 
 class ConfigValidationError(ValueError):
@@ -46,6 +52,7 @@ def validate_config(
     injected: Mapping[str, Iterable[str]] | None = None,
     top_level: Mapping[str, Any] | None = None,
     finite_nodes: Iterable[str] = FINITE_NODES,
+    target_groups: Iterable[str] = TARGET_GROUPS,
 ) -> None:
     """Raise ``ConfigValidationError`` listing every problem in ``cfg``.
 
@@ -56,6 +63,7 @@ def validate_config(
         top_level: allowed top-level plain keys and their types; groups (dict nodes) are not checked
             here but through their ``_target_`` nodes.
         finite_nodes: top-level nodes in which every number must be finite.
+        target_groups: top-level nodes whose entries must each be a ``_target_`` node or null.
     """
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     errors: list[str] = []
@@ -72,6 +80,10 @@ def validate_config(
     for name in finite_nodes:
         if name in container:
             _check_finite(container[name], name, errors)
+    for name in target_groups:
+        group = container.get(name)
+        if isinstance(group, dict):
+            _check_group_entries(group, name, errors)
     if errors:
         raise ConfigValidationError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -121,6 +133,18 @@ def _check_target(node: dict, path: str, injected: set[str], errors: list[str]) 
     for key, p in params.items():
         if p.default is p.empty and key not in node and key not in injected and not node.get("_args_"):
             errors.append(f"{path}.{key}: missing, required by {name}")
+
+
+def _check_group_entries(group: dict, name: str, errors: list[str]) -> None:
+    for key, value in group.items():
+        if value is None or _is_node(value):
+            continue
+        keys = sorted(value) if isinstance(value, dict) else []
+        errors.append(
+            f"{name}.{key}: no _target_ (set: {', '.join(keys) or repr(value)}); a config sets keys of "
+            f"an entry that the chosen {name} group does not define: pick a {name} group that defines it "
+            f"or drop it with {name}.{key}=null"
+        )
 
 
 def _check_finite(node: Any, path: str, errors: list[str]) -> None:

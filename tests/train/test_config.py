@@ -98,3 +98,16 @@ def test_head_sizes_must_be_positive_ints(compose_train, tmp_path):
     msg = str(err.value)
     assert "model.head.out_dim=0: must be a positive int (ssl_path.models.DINOHead)" in msg
     assert "model.head.nlayers=-1: must be a positive int" in msg
+
+
+def test_entry_without_target_in_callbacks_is_named(compose_train, tmp_path):
+    """learn_cpu tunes callbacks.periodic_eval; with callbacks=default that entry has no _target_."""
+    cfg = compose_train(["experiment=learn_cpu", "callbacks=default", f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg, injected=INJECTED, top_level=TOP_LEVEL)
+    msg = str(err.value)
+    assert "callbacks.periodic_eval: no _target_ (set: every_n_steps, split)" in msg
+    assert "callbacks.periodic_eval=null" in msg
+    dropped = ["callbacks.periodic_eval=null", f"paths.output_dir={tmp_path}"]
+    fixed = compose_train(["experiment=learn_cpu", "callbacks=default", *dropped])
+    validate_config(fixed, injected=INJECTED, top_level=TOP_LEVEL)
