@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
+from tests.eval.tiles import small_tile_set
+from tests.train.runs import run_train, tiny_overrides
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SSL_PATH_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -97,3 +100,37 @@ def tiled_root(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> Pa
     failed = {k: v["reason"] for k, v in manifest["slides"].items() if v["status"] != "ok"}
     assert not failed, f"tiled_root fixture: slides failed: {failed}"
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tiled_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step tiny smoke run (64 px crops) through the CLI: the ``init_from`` of the Gram and
+    high-resolution stage tests, the teacher of the distillation test, the checkpoint the embedding tests
+    read. Treat it as read-only."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    run_train([*tiny_overrides(tiled_root), "trainer.max_steps=2", f"hydra.run.dir={run_dir}"])
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_eval_run(tiled_root: Path, kather_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four optimiser steps of the tiny smoke run through the CLI with the periodic-eval callback every 2
+    steps (on 3 kather tiles per class) and a kept snapshot every 2 steps: CSV metrics of every kind,
+    the kNN curve, ``step-2``, ``step-4`` (= ``last.ckpt``, a hard link) and the saved hydra config. The
+    report, trust and evaluation tests read it; only the report test writes into it (``report/``)."""
+    tmp = tmp_path_factory.mktemp("smoke_eval")
+    mini = small_tile_set(kather_dir, tmp / "mini", per_class=3)
+    run_dir = tmp / "run"
+    run_train(
+        [
+            *tiny_overrides(tiled_root),
+            f"hydra.run.dir={run_dir}",
+            "data.num_workers=0",
+            "trainer.max_steps=4",
+            "callbacks=eval",
+            "callbacks.periodic_eval.every_n_steps=2",
+            f"callbacks.periodic_eval.datasets.kather2016-100={mini}",
+            "callbacks.checkpoint.keep_every_n_steps=2",
+        ]
+    )
+    return run_dir

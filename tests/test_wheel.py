@@ -18,28 +18,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import run_concurrently
+from tests.test_console_scripts import SCRIPTS  # each console script and a key its --help prints
+
 REPO = Path(__file__).resolve().parents[1]
 # what the build reads: pyproject.toml, its readme, the package and the configs mapped into it
 SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "ssl_path", "configs")
-# each console script and a key its composed config prints under --help
-SCRIPTS = {
-    "ssl-path-tile": "tiling:",
-    "ssl-path-train": "method:",
-    "ssl-path-eval": "probes:",
-    "ssl-path-export": "checkpoint:",
-    "ssl-path-embed": "embed:",
-    "ssl-path-mil": "mil:",
-    "ssl-path-viz": "region:",
-    "ssl-path-report": "run_dir:",
-}
 
 
-def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PIP_DISABLE_PIP_VERSION_CHECK="1")
     for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SLURM_JOB_ID", "SLURM_NTASKS"):
         env.pop(key, None)
+    return env
+
+
+def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [str(c) for c in cmd]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -90,8 +86,10 @@ def test_wheel_install_runs_the_apps_outside_the_repo(venv, tiled_root, tmp_path
     probe = "import ssl_path; print(ssl_path.__file__); print(ssl_path.CONFIG_DIR)"
     where, config_dir = _ok(_run([venv / "bin" / "python", "-c", probe], tmp_path)).stdout.split()
     assert Path(where).is_relative_to(venv) and Path(config_dir).is_relative_to(venv), (where, config_dir)
+    helps = {script: [venv / "bin" / script, "--help"] for script in SCRIPTS}
+    helps = run_concurrently(helps, cwd=tmp_path, env=_env(), timeout=240)
     for script, key in SCRIPTS.items():
-        out = _ok(_run([venv / "bin" / script, "--help"], tmp_path)).stdout
+        out = _ok(helps[script]).stdout
         assert "== Configuration groups ==" in out and key in out, (script, out[-2000:])
     run_dir = tmp_path / "run"
     smoke = [

@@ -43,7 +43,7 @@ from ssl_path.tiling import (
 )
 from ssl_path.tiling.reader import best_level, read_tiles
 from tests.helpers.run_if import RunIf
-from tests.train.runs import REPO, run_train, tiny_overrides
+from tests.train.runs import REPO
 
 # 112 px tiles at 0.5 µm/px, 12 per slide: the tiler's sampling keeps the test fast on 2 CPUs.
 # The bundled TCGA slide records no mpp: the tiler's fallback (40x) is used, as tiling=tcga does.
@@ -52,12 +52,9 @@ GOOD = ("CMU-1-Small-Region", "CMU-1-Small-Region-pyramid", "TCGA-CR-7395-01A-01
 
 
 @pytest.fixture(scope="module")
-def smoke_ckpt(tiled_root, tmp_path_factory) -> Path:
-    """``last.ckpt`` of a real 2-step ssl-path-train smoke run (ViT-Ti/16 at 64 px; ~8 s on CPU)."""
-    run_dir = tmp_path_factory.mktemp("embed_smoke") / "run"
-    args = [*tiny_overrides(tiled_root), "trainer.max_steps=2", f"hydra.run.dir={run_dir}"]
-    run_train(args)
-    return run_dir / "checkpoints" / "last.ckpt"
+def smoke_ckpt(smoke_run) -> Path:
+    """``last.ckpt`` of the session's real 2-step ssl-path-train smoke run (ViT-Ti/16 at 64 px)."""
+    return smoke_run / "checkpoints" / "last.ckpt"
 
 
 def _embed(slides_dir: Path, ckpt: Path, out: Path, **embed_kw) -> dict:

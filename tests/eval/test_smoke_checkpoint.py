@@ -42,19 +42,10 @@ def _cli(module: str, args: list[str], log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tiled_root, kather_dir, tmp_path_factory) -> Path:
-    """4 optimiser steps of the smoke experiment with the periodic-eval callback every 2 steps."""
-    tmp = tmp_path_factory.mktemp("smoke")
-    mini = small_tile_set(kather_dir, tmp / "mini", per_class=3)
-    run_dir = tmp / "run"
-    _cli("ssl_path.cli.train", [
-        "experiment=smoke", f"data.root={tiled_root}", "data.batch_size=2", "model.head.out_dim=128",
-        "model.head.hidden_dim=64", "model.head.bottleneck_dim=32", "logger=csv", "trainer.max_steps=4",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks=eval",
-        "callbacks.periodic_eval.every_n_steps=2", f"callbacks.periodic_eval.datasets.kather2016-100={mini}",
-        f"hydra.run.dir={run_dir}",
-    ], tmp / "train.log")  # fmt: skip
-    return run_dir
+def smoke_run(smoke_eval_run: Path) -> Path:
+    """4 optimiser steps of the smoke experiment with the periodic-eval callback every 2 steps
+    (the session's run, tests/conftest.py)."""
+    return smoke_eval_run
 
 
 def test_periodic_eval_logged_during_training(smoke_run):

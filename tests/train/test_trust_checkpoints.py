@@ -27,6 +27,7 @@ from hydra import compose, initialize_config_dir
 from ssl_path.cli.train import run
 from ssl_path.config_validation import ConfigValidationError
 from ssl_path.models.io import CorruptCheckpointError
+from tests.helpers.processes import run_concurrently
 from tests.train.runs import REPO, checkpoint_step, tiny_overrides, train_env
 
 BIN = Path(sys.executable).parent
@@ -55,15 +56,12 @@ def _args(tiled_root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tiled_root, tmp_path_factory) -> Path:
-    """4 steps of the tiny smoke run: last.ckpt (step 4, hard link of step-4), step-2 and step-4."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    args = [*_args(tiled_root), "trainer.max_steps=4", "callbacks.checkpoint.keep_every_n_steps=2"]
-    proc = _cli("ssl-path-train", [*args, f"hydra.run.dir={run_dir}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+def trained(smoke_eval_run: Path) -> Path:
+    """4 steps of the tiny smoke run (the session's, tests/conftest.py): last.ckpt (step 4, hard link of
+    step-4), step-2 and step-4. Read-only here: tests that write copy it first."""
+    names = sorted(p.name for p in (smoke_eval_run / "checkpoints").iterdir())
     assert names == ["last.ckpt", "step-00000002.ckpt", "step-00000004.ckpt"]
-    return run_dir
+    return smoke_eval_run
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -101,6 +99,17 @@ def hostile_file(trained, tmp_path_factory) -> tuple[Path, Path]:
     return tmp / "hostile.ckpt", marker
 
 
+ENTRIES = (
+    "train resume",
+    "train ckpt_path",
+    "train pretrained_path",
+    "eval file",
+    "eval run dir",
+    "export file",
+    "export run dir",
+)
+
+
 def _entry_point(name: str, hostile_file: Path, tmp: Path, tiled_root: Path) -> tuple[str, list[str]]:
     """(console script, args) that make ``name`` read ``hostile_file``."""
     run_dir = tmp / "run"  # a run dir whose last.ckpt is the hostile file
@@ -122,31 +131,36 @@ def _entry_point(name: str, hostile_file: Path, tmp: Path, tiled_root: Path) -> 
     }[name]
 
 
-@pytest.mark.parametrize(
-    "entry",
-    [
-        "train resume",
-        "train ckpt_path",
-        "train pretrained_path",
-        "eval file",
-        "eval run dir",
-        "export file",
-        "export run dir",
-    ],
-)
-def test_hostile_checkpoint_is_refused_by_every_entry_point(entry, hostile, tiled_root, tmp_path):
-    hostile_file, marker = hostile
-    script, args = _entry_point(entry, hostile_file, tmp_path, tiled_root)
-    proc = _cli(script, args)
+@pytest.fixture(scope="module")
+def refusals(
+    trained, tiled_root, tmp_path_factory
+) -> dict[str, tuple[subprocess.CompletedProcess, Path, Path]]:
+    """Every entry point run at once on its own hostile file (its own Payload marker, so a marker names
+    the entry point whose code ran): ``entry -> (process, hostile file, its tmp dir)``."""
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    cmds, files = {}, {}
+    for i, entry in enumerate(ENTRIES):
+        tmp = tmp_path_factory.mktemp(f"entry{i}")
+        ckpt["callbacks"]["Payload"] = Payload(tmp / "marker")
+        torch.save(ckpt, tmp / "hostile.ckpt")
+        script, args = _entry_point(entry, tmp / "hostile.ckpt", tmp, tiled_root)
+        cmds[entry], files[entry] = [BIN / script, *args], (tmp / "hostile.ckpt", tmp)
+    procs = run_concurrently(cmds, cwd=REPO, env=train_env(), timeout=400)
+    return {entry: (procs[entry], *files[entry]) for entry in ENTRIES}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_hostile_checkpoint_is_refused_by_every_entry_point(entry, refusals):
+    proc, hostile_file, tmp = refusals[entry]
     out = proc.stdout + proc.stderr
-    assert not marker.exists(), f"{entry}: code from the checkpoint ran"
+    assert not (tmp / "marker").exists(), f"{entry}: code from the checkpoint ran"
     assert proc.returncode != 0, out[-3000:]
     assert "UnsafeCheckpointError" in out and REFUSED in out, out[-3000:]
     assert UNSAFE_NAME in out and "is refused" in out, out[-3000:]
     read = hostile_file.name if "file" in entry or "_path" in entry else "last.ckpt"
     assert read in out, out[-3000:]  # the message names the file
     assert "weights_only=False" not in out  # torch's advice to load it in full is not passed on
-    assert not (tmp_path / "export" / "model.safetensors").exists()
+    assert not (tmp / "export" / "model.safetensors").exists()
 
 
 def test_a_pickle_named_safetensors_runs_nothing(hostile, tmp_path):

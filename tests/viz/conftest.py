@@ -14,25 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.runs import run_train, tiny_overrides, train_env
+from tests.train.runs import train_env
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tiled_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("viz_smoke") / "run"
-    run_train(
-        [
-            *tiny_overrides(tiled_root),
-            f"hydra.run.dir={run_dir}",
-            "data.num_workers=0",
-            "trainer.max_steps=4",
-            "callbacks=eval",
-            "callbacks.periodic_eval.every_n_steps=2",
-            "callbacks.checkpoint.every_n_steps=2",
-            "callbacks.checkpoint.keep_every_n_steps=2",
-        ]
-    )
-    return run_dir
+def smoke_run(smoke_eval_run: Path) -> Path:
+    """The session's 4-step smoke run with periodic eval (tests/conftest.py)."""
+    return smoke_eval_run
 
 
 @pytest.fixture(scope="session")
