@@ -355,13 +355,20 @@ class _RetryingReader(io.RawIOBase):
         return f"<remote {self.url}>"
 
 
+# tiling config fields that change how fast tiles are made, never the tiles: a resumed tiling may change
+# them, and they are no part of a dataset's identity
+TILING_RUNTIME_FIELDS = ("threads",)
+
+
 def dataset_id(manifest: Mapping[str, Any]) -> str:
     """A dataset's identity from its content, not its location: 16 hex of sha256 over the tiling config
-    and the sorted (shard path, num_samples) list. Moving or serving the same tiles elsewhere keeps the
-    id (run dirs and resume key on it); re-tiling with another config or more slides changes it. The
-    tiler stores it as ``manifest["dataset_id"]``; manifests written before that get it computed."""
+    (without ``TILING_RUNTIME_FIELDS``) and the sorted (shard path, num_samples) list. Moving or serving
+    the same tiles elsewhere, or making them with more threads, keeps the id (run dirs and resume key on
+    it); re-tiling with another config or more slides changes it. The tiler stores it as
+    ``manifest["dataset_id"]``; manifests written before that get it computed."""
     shards = sorted((str(s["path"]), int(s["num_samples"])) for s in manifest.get("shards", []))
-    payload = json.dumps({"config": manifest.get("config", {}), "shards": shards}, sort_keys=True)
+    config = {k: v for k, v in manifest.get("config", {}).items() if k not in TILING_RUNTIME_FIELDS}
+    payload = json.dumps({"config": config, "shards": shards}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ssl_path.contracts import TILING_RUNTIME_FIELDS
+
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
-# Fields that change speed, never the tiles: a resumed run may change them.
-RUNTIME_FIELDS = ("threads",)
+# Fields that change speed, never the tiles: a resumed run may change them, and the dataset id ignores them.
+RUNTIME_FIELDS = TILING_RUNTIME_FIELDS
 # Fields that change neither the tiles nor how fast they are made (extra outputs): not in ``to_dict``,
 # so they never enter the manifest's config, its ``dataset_id`` or a resume check.
 UNRECORDED_FIELDS = ("qc",)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import tarfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,9 @@ def test_manifest_carries_its_dataset_id(slides_dir: Path, tmp_path: Path) -> No
     assert len(on_disk["dataset_id"]) == 16
     again = tile_slides([slides_dir / CMU], tmp_path, cfg, progress=False)  # nothing new: same id
     assert again["dataset_id"] == manifest["dataset_id"] and again["last_run"]["skipped"] == 1
+    # the same tiles made with another number of threads are the same dataset (threads: speed only)
+    other = tile_slides([slides_dir / CMU], tmp_path / "threads1", replace(cfg, threads=1), progress=False)
+    assert other["config"]["threads"] == 1 != on_disk["config"]["threads"]
+    assert other["dataset_id"] == manifest["dataset_id"]
+    bigger = tile_slides([slides_dir / CMU], tmp_path / "size", replace(cfg, tile_size=96), progress=False)
+    assert bigger["dataset_id"] != manifest["dataset_id"]  # a field that changes the tiles does
