@@ -134,3 +134,15 @@ def smoke_eval_run(tiled_root: Path, kather_dir: Path, tmp_path_factory: pytest.
         ]
     )
     return run_dir
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters cleared before and after the test, so graph counts start at 0."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

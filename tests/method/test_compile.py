@@ -17,14 +17,6 @@ def _module(backbone_kwargs: dict | None = None, **overrides) -> DINOv2Module:
     return tiny_module(backbone_kwargs={"drop_path_rate": 0.2, **(backbone_kwargs or {})}, **overrides)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def _losses(module: DINOv2Module, steps: int = 3) -> list[float]:
     module.set_global_batch_size(2)
     opt = module.configure_optimizers()

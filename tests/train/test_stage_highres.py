@@ -126,14 +126,6 @@ def test_cli_stage_runs_from_the_smoke_run(highres_run, smoke_run):
     assert ckpt["backbone_spec"]["img_size"] == HIGH  # what export and eval rebuild
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compiled_blocks_one_graph_per_shape_same_losses(compose_train, smoke_run, fresh_dynamo):
     cfg = _highres_cfg(compose_train, smoke_run, "method.compile_blocks=true")
     with open_dict(cfg):
