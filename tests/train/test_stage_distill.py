@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from ssl_path.cli.train import run
 from ssl_path.eval.backbone import load_backbone
 from tests.train.runs import REPO, run_train, tiny_overrides
+from tests.train.test_train import _assert_same_state
 
 STUDENT = ["+model.backbone.depth=2", "+model.backbone.embed_dim=96"]  # vit_tiny is the smallest preset
 
@@ -35,22 +36,6 @@ def _run_in_process(overrides: list[str], run_dir: Path) -> dict:
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={run_dir}"])
     with _one_thread():
         return run(cfg)
-
-
-def _assert_same(a, b, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"tensor differs at {where}"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.slow
@@ -75,7 +60,7 @@ def test_distil_a_smoke_teacher_into_a_smaller_student_and_resume_bit_exact(tile
     # the frozen teacher: the teacher run's EMA teacher, bit for bit, after 4 steps of distillation
     frozen = {k[len("distill_teacher.") :]: v for k, v in a["state_dict"].items() if k.startswith("distill_")}
     source = {k[len("teacher.") :]: v for k, v in t["state_dict"].items() if k.startswith("teacher.")}
-    _assert_same(frozen, source, "distill_teacher")
+    _assert_same_state(frozen, source, "distill_teacher")
     assert a["distill"]["teacher_step"] == 2
     # teacher.* is the student's EMA (half width, 2 blocks), and that is what eval/export load
     assert a["state_dict"]["teacher.backbone.vit.cls_token"].shape[-1] == 96
@@ -91,4 +76,4 @@ def test_distil_a_smoke_teacher_into_a_smaller_student_and_resume_bit_exact(tile
     assert out["status"] == "finished" and out["global_step"] == 4
     b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for key in ("state_dict", "optimizer_states", "SSLDataModule", "rng_states", "distill"):
-        _assert_same(a[key], b[key], key)
+        _assert_same_state(a[key], b[key], key)
