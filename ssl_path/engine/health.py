@@ -119,7 +119,7 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     finite = torch.isfinite(x).all()
     s = torch.linalg.svdvals(torch.where(finite, x, torch.zeros_like(x)))  # (min(N, D),)
     p = s / s.sum().clamp_min(torch.finfo(torch.float32).tiny) + eps
-    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(s[0], float("nan")))
+    return torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(s.sum(), float("nan")))
 
 
 def nn_distance(features: torch.Tensor, chunks: int = 1) -> torch.Tensor:
