@@ -14,6 +14,7 @@ between folds, the interval how much it could move on another draw of tiles (pat
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -269,6 +270,46 @@ def add_intervals(
     for r in summary:
         match = by_key.get(tuple(r[k] for k in keys), {})
         out.append({**r, **{c: match[c] for c in INTERVAL_COLUMNS if c in match}})
+    return out
+
+
+def paired_differences(
+    rows: list[dict], baselines: Sequence[str], metric: str = "balanced_accuracy"
+) -> list[dict]:
+    """Each model minus each baseline on the same split groups, per (dataset, probe).
+
+    The fold-to-fold std of a figure mixes the test folds' difficulty into the comparison; a paired
+    difference (same train/test split for both models) removes it, so "model beats baseline" is read
+    from ``mean`` and ``std`` of the differences and the count of groups where the model is better.
+    Rows: dataset, probe, model, baseline, metric, n, mean, std (ddof=1), better (model > baseline).
+    """
+    value = {(r["dataset"], r["probe"], r["model"], r["group"]): float(r[metric]) for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    out = []
+    for dataset, probe in dict.fromkeys((r["dataset"], r["probe"]) for r in rows):
+        for model in (m for m in models if m not in baselines):
+            for base in (b for b in baselines if b in models):
+                pairs = [
+                    (v, value[(dataset, probe, base, g)])
+                    for (d, p, m, g), v in value.items()
+                    if (d, p, m) == (dataset, probe, model) and (dataset, probe, base, g) in value
+                ]
+                if not pairs:
+                    continue
+                diff = np.array([a - b for a, b in pairs], dtype=np.float64)
+                out.append(
+                    {
+                        "dataset": dataset,
+                        "probe": probe,
+                        "model": model,
+                        "baseline": base,
+                        "metric": metric,
+                        "n": len(diff),
+                        "mean": float(diff.mean()),
+                        "std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+                        "better": int((diff > 0).sum()),
+                    }
+                )
     return out
 
 

@@ -38,6 +38,17 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(paired: list[dict]) -> str:
+    """``paired_differences`` rows -> markdown: model − baseline, mean ± std over the shared splits."""
+    head = ["dataset", "probe", "model − baseline", "mean ± std", "better on"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for r in paired:
+        cells = [r["dataset"], r["probe"], f"{r['model']} − {r['baseline']}"]
+        cells += [f"{r['mean']:+.3f} ± {r['std']:.3f}", f"{r['better']} of {r['n']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def per_class_rows(pooled: list[dict], classes: Sequence[str]) -> list[dict]:
     """Long-format per-class recall rows (``per_class_recall.csv``) of ``pooled_rows`` carrying
     ``dataset`` and ``model``: one row per (dataset, model, probe, class)."""

@@ -12,6 +12,7 @@ recompute the numbers with scikit-learn::
                                                   pooled figure with its 95 % bootstrap interval
     <output>/results_per_split.csv                one row per (dataset, model, probe, split group)
     <output>/per_class_recall.csv                 pooled recall per class, with its interval
+    <output>/results_paired.csv                   each model minus each baseline over the same splits
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ssl_path.eval.protocol import (
     IntervalConfig,
     ProbeConfig,
     add_intervals,
+    paired_differences,
     pooled_rows,
     predict_splits,
     split_rows,
@@ -40,6 +42,7 @@ from ssl_path.eval.protocol import (
 )
 from ssl_path.eval.report import (
     markdown_table,
+    paired_table,
     per_class_rows,
     per_class_table,
     plot_confusion,
@@ -267,6 +270,8 @@ def run_evaluation(
     write_csv(rows, output / "results_per_split.csv")
     write_csv(summary, output / "results.csv")
     write_csv([r for rs in per_class.values() for r in rs], output / "per_class_recall.csv")
+    paired = paired_differences(rows, ("random_init", HISTOGRAM))
+    write_csv(paired, output / "results_paired.csv")
     if probes.knn_k:
         cap = "capped at the smallest training class" if probes.knn_cap_k else "not capped"
         notes.append(f"kNN neighbours {cap} (per split in results_per_split.csv, column k)")
@@ -278,6 +283,11 @@ def run_evaluation(
             "whole groups on grouped sets"
         )
     table = "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(summary)
+    if paired:
+        table += (
+            f"\nPaired over the same splits ({paired[0]['metric']}, model − baseline on each split group; "
+            "results_paired.csv):\n\n" + paired_table(paired)
+        )
     for name, rs in per_class.items():
         table += f"\nPer-class recall on {name} (pooled out-of-fold predictions):\n\n" + per_class_table(rs)
     (output / "results.md").write_text(table)

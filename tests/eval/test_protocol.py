@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ssl_path.eval.datasets import Split
-from ssl_path.eval.protocol import ProbeConfig, evaluate_features, summarise
+from ssl_path.eval.protocol import ProbeConfig, evaluate_features, paired_differences, summarise
 from ssl_path.eval.report import markdown_table, read_csv, write_csv
 
 
@@ -88,6 +88,26 @@ def test_summarise_mean_and_sample_std(tmp_path):
     write_csv(s, tmp_path / "s.csv")
     back = read_csv(tmp_path / "s.csv")
     assert float(back[1]["balanced_accuracy_mean"]) == pytest.approx(0.3) and back[0]["model"] == "m"
+
+
+def test_paired_differences_use_only_the_shared_split_groups():
+    def row(model, group, value, probe="knn"):
+        return {"dataset": "d", "model": model, "probe": probe, "group": group, "balanced_accuracy": value}
+
+    rows = [row("ours", "g0", 0.7), row("ours", "g1", 0.5), row("ours", "g2", 0.9)]
+    rows += [row("random_init", "g0", 0.6), row("random_init", "g1", 0.6)]  # no g2: that pair is skipped
+    rows += [row("ours", "g0", 0.1, "linear"), row("random_init", "g0", 0.3, "linear")]
+    paired = paired_differences(rows, ("random_init", "colour_histogram"))
+    # one row per (probe, model, baseline present); a baseline is never compared with itself
+    assert [(r["probe"], r["model"], r["baseline"]) for r in paired] == [
+        ("knn", "ours", "random_init"),
+        ("linear", "ours", "random_init"),
+    ]
+    knn, linear = paired
+    assert knn["n"] == 2 and knn["better"] == 1
+    assert knn["mean"] == pytest.approx(0.0) and knn["std"] == pytest.approx(np.std([0.1, -0.1], ddof=1))
+    assert linear["n"] == 1 and linear["mean"] == pytest.approx(-0.2) and linear["std"] == 0.0
+    assert linear["better"] == 0
 
 
 def test_extract_features_restores_the_mode_and_pools_tokens(kather_dir):

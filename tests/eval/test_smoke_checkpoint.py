@@ -74,6 +74,20 @@ def test_smoke_checkpoint_eval_table_and_recomputation(compose_eval, smoke_run, 
         assert float(r["balanced_accuracy"]) == pytest.approx(
             ref[(r["probe"], r["group"])]["balanced_accuracy"], abs=1e-9
         )
+    # the paired comparison: smoke − each baseline on the same split groups, in the CSV and in results.md
+    paired = read_csv(out / "results_paired.csv")
+    assert {(r["probe"], r["baseline"]) for r in paired} == {
+        (p, b) for p in ("knn10", "knn20", "linear") for b in ("random_init", "colour_histogram")
+    }
+    value = {(r["model"], r["probe"], r["group"]): float(r["balanced_accuracy"]) for r in per_split}
+    for r in paired:
+        diff = [value[("smoke", r["probe"], g)] - value[(r["baseline"], r["probe"], g)]
+                for (m, p, g) in value if (m, p) == ("smoke", r["probe"])]  # fmt: skip
+        assert int(r["n"]) == len(diff) == 5
+        assert float(r["mean"]) == pytest.approx(np.mean(diff), abs=1e-9)
+        assert float(r["std"]) == pytest.approx(np.std(diff, ddof=1), abs=1e-9)
+        assert int(r["better"]) == sum(d > 0 for d in diff)
+    assert "| kather2016-100 | linear | smoke − random_init |" in (out / "results.md").read_text()
 
 
 def test_smoke_checkpoint_exports_to_timm_with_the_same_features(
