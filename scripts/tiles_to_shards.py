@@ -1,11 +1,12 @@
 """Write a folder of pre-cut tiles (PNG/JPEG, any depth) as an ssl_path dataset: shards + manifest.json.
 
 A diagnostic, not the tiler: it exists to ask "would the same recipe learn on other images?"
-(docs/learning.md, "Trained on the evaluation tiles"). Labels are never read; folder names are ignored
-and the files are spread over ``--shards`` pseudo-slides by a hash of their path, so a shard is not a
-class. Each image is resized to ``--native-size`` (its size at the scan's resolution), then cut into
-its four corner crops and centre crop of ``--tile-size``, plus the whole image resized to
-``--tile-size``: six tiles per image, as the tiler cuts overlapping tiles at two magnifications.
+(docs/learning.md, "Trained on the evaluation images themselves"). Labels are never read: folder
+names are ignored and the files are spread over ``--shards`` pseudo-slides by a hash of their
+path, so a shard is not a class. Each image is resized to ``--native-size`` (its size at the scan's
+resolution), then cut into its four corner crops and centre crop of ``--tile-size``, plus the whole
+image resized to ``--tile-size``: six tiles per image, as the tiler cuts overlapping tiles at two
+magnifications.
 
     python scripts/tiles_to_shards.py ../shared/data/tiles/kather2016-100 runs/data/kather_unlabelled
 """

@@ -13,6 +13,7 @@ recompute the numbers with scikit-learn::
     <output>/results_per_split.csv                one row per (dataset, model, probe, split group)
     <output>/per_class_recall.csv                 pooled recall per class, with its interval
     <output>/results_paired.csv                   each model minus each baseline over the same splits
+                                                  (when a model is evaluated beside a baseline)
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def run_evaluation(
     write_csv(summary, output / "results.csv")
     write_csv([r for rs in per_class.values() for r in rs], output / "per_class_recall.csv")
     paired = paired_differences(rows, ("random_init", HISTOGRAM))
-    write_csv(paired, output / "results_paired.csv")
+    if paired:  # only when some model is compared with a baseline (not for a baselines-only run)
+        write_csv(paired, output / "results_paired.csv")
     if probes.knn_k:
         cap = "capped at the smallest training class" if probes.knn_cap_k else "not capped"
         notes.append(f"kNN neighbours {cap} (per split in results_per_split.csv, column k)")

@@ -63,6 +63,7 @@ def test_random_init_table_structure(random_init_run):
     assert "Per-class recall on kather2016-100" in per_class_md and "| 7_background |" in per_class_md
     results = read_csv(out / "results.csv")
     assert len(results) == 6 and len(read_csv(out / "results_per_split.csv")) == 6 * 5
+    assert not (out / "results_paired.csv").exists()  # baselines only: nothing to pair
     # the existing columns first, as before; the pooled figure and its interval appended
     assert list(results[0])[:10] == ["dataset", "model", "probe", "n"] + [
         f"{m}_{s}" for m in ("accuracy", "balanced_accuracy", "macro_f1") for s in ("mean", "std")
