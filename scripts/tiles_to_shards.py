@@ -20,10 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ssl_path.eval.datasets import IMG_EXTENSIONS
 from ssl_path.tiling.manifest import build_manifest, save_manifest
 from ssl_path.tiling.writer import SlideShardWriter
-
-SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
 def tiles_of(image: Image.Image, native_size: int, tile_size: int) -> list[Image.Image]:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.tile_size <= args.native_size:
         parser.error("need 0 < --tile-size <= --native-size")
-    files = sorted(p for p in args.input.rglob("*") if p.suffix.lower() in SUFFIXES)
+    files = sorted(p for p in args.input.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
         parser.error(f"no images under {args.input}")
     groups: dict[str, list[Path]] = {}

@@ -9,6 +9,7 @@ on the CI machine's cores, and each test still gets every process's own exit cod
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def run_concurrently(
     """Start every ``name -> command`` at once and wait for all; like ``subprocess.run(...,
     capture_output=True, text=True)`` per command. A process still running after ``timeout`` seconds
     (counted from the start of all of them) is killed and raises ``TimeoutExpired``."""
+    deadline = time.monotonic() + timeout
     procs = {
         name: subprocess.Popen(
             [str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -31,7 +33,7 @@ def run_concurrently(
     results = {}
     try:
         for name, proc in procs.items():
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.0))
             results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     finally:
         for proc in procs.values():
